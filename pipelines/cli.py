@@ -1,0 +1,32 @@
+"""The `vkd` console command: `vkd <stage> ...` runs `python -m pipelines.<stage> ...`."""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+STAGES = {
+    "prepare": "make or ingest a benchmark into parquet shards",
+    "evaluate": "multiple-choice, generation and cloze metrics on Ray Data",
+    "demo": "prepare the demo benchmark and evaluate a model on it, printing a table",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        width = max(map(len, STAGES))
+        lines = [f"  {name:<{width}}  {text}" for name, text in STAGES.items()]
+        print("usage: vkd <stage> [--config F] [options] [key=value ...]\n\nstages:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown stage {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    from pipelines.common import run_main
+
+    module = importlib.import_module(f"pipelines.{argv[0]}")
+    return run_main(module.main, argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

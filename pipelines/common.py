@@ -1,0 +1,82 @@
+"""What every stage shares: argument parsing, the resolved config, starting Ray."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+# The embedded default: loopback only, no usage stats, auth mode explicit, offline hub.
+RAY_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "DS_ACCELERATOR": "cpu",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+for _k, _v in RAY_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+from vkd.config import Config, ConfigError, load_config  # noqa: E402
+from vkd.data.layout import BenchmarkError  # noqa: E402
+from vkd.model import ModelError  # noqa: E402
+
+USER_ERRORS = (ConfigError, BenchmarkError, ModelError, FileExistsError, KeyError)
+
+
+def parser(stage: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"vkd {stage}", description=description)
+    p.add_argument("--config", help="YAML config (e.g. configs/demo.yaml); flags and key=value override it")
+    p.epilog = "Trailing key=value arguments override nested config fields, e.g. eval.batch_size=16."
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse flags; trailing ``key=value`` arguments become ``args.overrides``."""
+    args, rest = p.parse_known_args(argv)
+    unknown = [r for r in rest if r.startswith("-") or "=" not in r]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [r for r in rest if r not in unknown]
+    return args
+
+
+def resolve_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
+    return load_config(args.config, args.overrides, extra)
+
+
+def init_ray(cfg: Config, **kwargs: Any):
+    """Join the cluster at ``RAY_ADDRESS``; without one start an in-process Ray with
+    ``ray.num_cpus`` logical CPUs, so train workers never starve Ray Data."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, configure_logging=False,
+                 runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV}}, **kwargs)
+    return ray
+
+
+def refuse_existing(path: str | Path, overwrite: bool, flag: str = "--out") -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another {flag} or pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_main(fn: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
+    """Run a stage; user errors end with one clear line and exit status 2, not a traceback."""
+    try:
+        fn(argv)
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0

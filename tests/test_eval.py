@@ -1,0 +1,99 @@
+"""Evaluation: metric functions, chance level of an untrained model, Ray Data = in-process."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from vkd.data.items import MC_KEYS, eval_items
+from vkd.eval import DIRECTIONS, aggregate, cloze_correct, evaluate_items, rouge_l
+
+
+def test_rouge_l_and_cloze():
+    assert rouge_l("the baker from Velmora", "the baker from Velmora") == 1.0
+    assert rouge_l("", "anything") == 0.0 and rouge_l("xyz", "abc") == 0.0
+    assert rouge_l("a baker born in Velmora", "baker in Velmora") == pytest.approx(2 * 0.6 * 1.0 / 1.6)
+    assert cloze_correct("Velmora, a town", "Velmora") == 1.0
+    assert cloze_correct("Port Amsel", "Port") == 1.0 and cloze_correct("Port", "Port Amsel") == 0.0
+    assert cloze_correct("the answer is Velmora", "Velmora") == 0.0
+
+
+def test_directions_cover_every_key(small_data, tiny):
+    items = eval_items(small_data, "forget_15", limit=1)
+    results = evaluate_items(tiny, items, batch_size=16, max_new_tokens=4)
+    metrics = aggregate(results)
+    assert set(MC_KEYS) <= set(metrics)
+    assert {"forget_vqa_rougeL", "retain_qa_cloze", "test_vqa_cloze"} <= set(metrics)
+    assert set(metrics) <= set(DIRECTIONS)
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert DIRECTIONS["forget_vqa"] == "lower" and DIRECTIONS["retain_qa"] == "keep"
+
+
+def test_scores_do_not_depend_on_batching(small_data, tiny):
+    items = eval_items(small_data, "forget_15", limit=2)
+    one = evaluate_items(tiny, items, batch_size=len(items), max_new_tokens=6)
+    many = evaluate_items(tiny, items, batch_size=5, max_new_tokens=6)
+    assert [r["value"] for r in one] == [r["value"] for r in many]
+
+
+def test_ray_data_gives_the_in_process_numbers(small_data, tiny, tiny_path, ray_local):
+    from pipelines.evaluate import evaluate_on_ray
+    from vkd.config import EvalConfig
+
+    cfg = EvalConfig(batch_size=16, max_new_tokens=6, max_rows=2, actors=2)
+    on_ray = evaluate_on_ray(tiny_path, small_data, "forget_15", cfg)
+    local = evaluate_items(tiny, eval_items(small_data, "forget_15", limit=2), batch_size=7, max_new_tokens=6)
+    assert len(on_ray) == len(local) > 0
+    assert aggregate(on_ray) == pytest.approx(aggregate(local), abs=1e-9)
+
+
+def test_untrained_model_is_at_chance_on_the_demo_benchmark(demo_config, tmp_path_factory):
+    """The demo benchmark's multiple choice cannot be guessed: an untrained tiny model of the
+    demo's size scores 0.25 +- 0.08 on every multiple-choice key."""
+    import dataclasses
+
+    from vkd.data import prepare_benchmark
+    from vkd.model import ModelAdapter, resolve_model
+
+    data = tmp_path_factory.mktemp("demo") / "data"
+    settings = dataclasses.asdict(demo_config.benchmark)
+    prepare_benchmark(settings.pop("kind"), data, **settings)
+    adapter = ModelAdapter.load(resolve_model("tiny", demo_config.model, data, cache=tmp_path_factory.mktemp("m")))
+    items = eval_items(data, "forget_10", generation=False)
+    metrics = aggregate(evaluate_items(adapter, items, batch_size=64))
+    assert set(metrics) == set(MC_KEYS)
+    for key in MC_KEYS:
+        assert abs(metrics[key] - 0.25) <= 0.08, (key, metrics)
+
+
+def test_cli_evaluate_writes_metrics_and_refuses_to_overwrite(small_data, tiny_path, tmp_path):
+    out = tmp_path / "metrics.json"
+    cmd = [sys.executable, "-m", "pipelines.evaluate", "--model", str(tiny_path), "--data", str(small_data),
+           "--forget", "forget_15", "--out", str(out), "eval.max_rows=1", "eval.max_new_tokens=4", "eval.actors=1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads(out.read_text())
+    assert set(MC_KEYS) <= set(metrics)
+    assert (tmp_path / "metrics.config.yaml").is_file()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists" in again.stderr and "--overwrite" in again.stderr
+    assert json.loads(out.read_text()) == metrics
+
+
+def test_cli_bad_input_is_one_clear_line(small_data, tmp_path):
+    cases = [
+        (["pipelines.evaluate", "--model", "tiny", "--data", str(tmp_path / "none"), "--forget", "forget_10",
+          "--out", str(tmp_path / "m.json")], "benchmark.json not found"),
+        (["pipelines.evaluate", "--model", "tiny", "--data", str(small_data), "--forget", "forget_99",
+          "--out", str(tmp_path / "m.json")], "unknown forget split 'forget_99'"),
+        (["pipelines.prepare", "synthetic", "--out", str(small_data)], "not empty"),
+        (["pipelines.prepare", "synthetic", "--out", str(tmp_path / "x"), "benchmark.entities=many"],
+         "benchmark.entities: expected an integer"),
+    ]
+    for args, message in cases:
+        done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, (args, done.stderr[-1500:])
+        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr[-1500:]

@@ -1,0 +1,122 @@
+"""Flatten benchmark rows into the items that training and evaluation consume.
+
+An evaluation item is a flat dict (so it streams through Ray Data) with the columns of
+``ITEM_COLUMNS``: ``task`` is ``mc`` (multiple choice over ``options``, correct index
+``answer``), ``gen`` (free generation scored by ROUGE-L against ``truth``) or ``cloze``
+(fill the ``__`` blank; correct when the answer starts with ``truth``). ``key`` is the metric
+the item counts towards, e.g. ``forget_vqa`` or ``retain_qa_rougeL``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from vkd.data.layout import (
+    EVAL_SPLITS, LETTERS, TEST_SPLIT, TRAIN_SPLIT, BenchmarkError, load_meta, read_rows, retain_split,
+)
+
+ITEM_COLUMNS = ("key", "task", "entity", "name", "question", "options", "answer", "truth", "image", "source")
+MC_KEYS = ("forget_vqa", "forget_qa", "test_vqa", "retain_vqa", "retain_qa")
+CLOZE_PREFIX = "Fill in the blank: "
+
+
+def _image_bytes(blob: Any) -> bytes | None:
+    if blob is None:
+        return None
+    return blob.get("bytes") if isinstance(blob, dict) else blob
+
+
+def _mc_items(prefix: str, questions: list[dict], image: bytes | None, entity: str, name: str, source: str,
+              limit: int) -> Iterator[dict]:
+    for j, q in enumerate(questions[:limit or None]):
+        opts = q.get("Options") or {}
+        letter = q.get("Correct_Answer")
+        if letter not in LETTERS or any(opts.get(x) is None for x in LETTERS):
+            raise BenchmarkError(f"{source}: Classification_Task question {j} needs Options A-D and a Correct_Answer letter")
+        yield {"key": prefix, "task": "mc", "entity": entity, "name": name, "question": q["Question"],
+               "options": [opts[x] for x in LETTERS], "answer": LETTERS.index(letter), "truth": "",
+               "image": image, "source": source}
+
+
+def _open_items(role: str, tasks: list[dict], task: str, image: bytes | None, entity: str, name: str,
+                source: str, limit: int, image_only: bool) -> Iterator[dict]:
+    suffix = "rougeL" if task == "gen" else "cloze"
+    counts: dict[str, int] = {}
+    for t in tasks or []:
+        visual = t.get("Type", "Image_Textual") != "Pure_Text"
+        if image_only and not visual:
+            continue
+        key = f"{role}_{'vqa' if visual else 'qa'}_{suffix}"
+        counts[key] = counts.get(key, 0) + 1
+        if limit and counts[key] > limit:
+            continue
+        question = CLOZE_PREFIX + t["Question"] if task == "cloze" else t["Question"]
+        yield {"key": key, "task": task, "entity": entity, "name": name, "question": question, "options": [], "answer": -1,
+               "truth": t["Ground_Truth"], "image": image if visual else None, "source": source}
+
+
+def expand_eval_row(row: dict[str, Any], role: str, limit: int = 0, generation: bool = True) -> list[dict]:
+    """Every evaluation item of one forget/retain row (``role`` forget|retain) or one Test_Set
+    row (``role`` test: each unseen image with every image question)."""
+    source = row.get("_source", f"entity {row['ID']}")
+    cls = row.get("Classification_Task") or {}
+    entity, name = row["ID"], row.get("name") or ""
+    items: list[dict] = []
+    if role == "test":
+        for k, blob in enumerate(row.get("images") or []):
+            image = _image_bytes(blob)
+            where = f"{source}, image {k}"
+            items += _mc_items("test_vqa", cls.get("Image_Textual_Questions") or [], image, entity, name, where, limit)
+            if generation:
+                items += _open_items("test", row.get("Generation_Task"), "gen", image, entity, name, where, limit, True)
+                items += _open_items("test", row.get("Mask_Task"), "cloze", image, entity, name, where, limit, True)
+        return items
+    image = _image_bytes(row.get("image"))
+    items += _mc_items(f"{role}_vqa", cls.get("Image_Textual_Questions") or [], image, entity, name, source, limit)
+    items += _mc_items(f"{role}_qa", cls.get("Pure_Text_Questions") or [], None, entity, name, source, limit)
+    if generation:
+        items += _open_items(role, row.get("Generation_Task"), "gen", image, entity, name, source, limit, False)
+        items += _open_items(role, row.get("Mask_Task"), "cloze", image, entity, name, source, limit, False)
+    return items
+
+
+def eval_plan(data: str | Path, forget: str) -> list[tuple[str, str, list[str] | None]]:
+    """(split, role, entity ids or None for all) of an evaluation against ``forget``."""
+    meta = load_meta(data)
+    retain = retain_split(forget)
+    forget_ids = meta.entity_ids(forget)
+    meta.entity_ids(retain)
+    return [(forget, "forget", None), (retain, "retain", None), (TEST_SPLIT, "test", forget_ids)]
+
+
+def eval_items(data: str | Path, forget: str, limit: int = 0, generation: bool = True) -> list[dict]:
+    items: list[dict] = []
+    for split, role, ids in eval_plan(data, forget):
+        for row in read_rows(data, split, ids):
+            items += expand_eval_row(row, role, limit, generation)
+    return items
+
+
+def expand_train_row(row: dict[str, Any]) -> list[dict]:
+    """The (image, question, answer) pairs of one ft_Data row."""
+    source = row.get("_source", f"entity {row.get('ID')}")
+    try:
+        pairs = json.loads(row["metadata"]) if isinstance(row["metadata"], str) else row["metadata"]
+        return [{"entity": row.get("ID", ""), "image": _image_bytes(row.get("image")), "question": p["Question"],
+                 "answer": p["Answer"], "source": source} for p in pairs]
+    except (TypeError, KeyError, json.JSONDecodeError) as err:
+        raise BenchmarkError(f"{source}: column metadata must be a JSON list of {{Question, Answer}} ({err})") from err
+
+
+def benchmark_texts(data: str | Path) -> Iterator[str]:
+    """Every string of the benchmark, in a fixed order: the tokenizer's training corpus."""
+    for row in read_rows(data, TRAIN_SPLIT):
+        for item in expand_train_row(row):
+            yield item["question"] + " " + item["answer"]
+    for split in EVAL_SPLITS + (TEST_SPLIT,):
+        for row in read_rows(data, split):
+            yield row.get("biography") or ""
+            role = "test" if split == TEST_SPLIT else "forget"
+            for item in expand_eval_row({**row, "images": (row.get("images") or [])[:1]}, role):
+                yield " ".join([item["question"], item["truth"], *item["options"]])

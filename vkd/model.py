@@ -1,0 +1,280 @@
+"""Model adapter: one interface over LLaVA-style families (vision -> projector -> LLM).
+
+The adapter names the three parameter groups ``vision``, ``projector`` and ``llm`` by each
+transformers class's own module names, exposes the projector output (the image tokens the
+LLM sees), and turns (question, image, answer) rows into model inputs. ``--model tiny``
+builds a small LlavaForConditionalGeneration from a config, with a byte-level BPE
+tokenizer trained on the benchmark's text; it is saved and loaded as any Hugging Face
+checkpoint folder (safetensors + processor), through the same code a real checkpoint takes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from vkd.config import ModelConfig
+from vkd.registry import Registry
+
+GROUPS = ("vision", "projector", "llm")
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+PLAIN_PROMPT = "Question: {question}\nAnswer:"
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its parts: name prefixes of ``named_parameters`` (the projector
+    is matched first, since Qwen2-VL keeps its ``merger`` inside ``visual``)."""
+    name: str
+    model_types: tuple[str, ...]
+    vision: tuple[str, ...]
+    projector: tuple[str, ...]
+    llm: tuple[str, ...]
+    vision_layers: str   # prefix of the vision transformer's blocks, followed by the block index
+
+    def group_of(self, param_name: str) -> str:
+        for group in ("projector", "vision", "llm"):
+            if param_name.startswith(getattr(self, group)):
+                return group
+        raise ModelError(f"parameter {param_name} belongs to no group of family {self.name}")
+
+
+FAMILIES: Registry[Family] = Registry("model family")
+FAMILIES.register("llava")(Family(
+    "llava", ("llava",), vision=("model.vision_tower.",), projector=("model.multi_modal_projector.",),
+    llm=("model.language_model.", "lm_head."), vision_layers="model.vision_tower.encoder.layers.",
+))
+FAMILIES.register("qwen2_vl")(Family(
+    "qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), vision=("model.visual.",), projector=("model.visual.merger.",),
+    llm=("model.language_model.", "lm_head."), vision_layers="model.visual.blocks.",
+))
+
+
+def family_for(model_type: str) -> Family:
+    for name in FAMILIES.names():
+        fam = FAMILIES.get(name)
+        if model_type in fam.model_types:
+            return fam
+    known = sorted(t for n in FAMILIES.names() for t in FAMILIES.get(n).model_types)
+    raise ModelError(f"model type {model_type!r} is not supported; supported types: {', '.join(known)}")
+
+
+class ModelAdapter:
+    """A loaded multimodal model with its processor."""
+
+    def __init__(self, model: nn.Module, processor: Any):
+        self.model = model
+        self.processor = processor
+        self.family = family_for(model.config.model_type)
+        self.tokenizer = processor.tokenizer
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.chat = bool(getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None))
+
+    # --- loading and saving ----------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, dtype: str = "float32") -> "ModelAdapter":
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"{path} is not a model folder (no config.json); pass --model tiny or a Hugging Face checkpoint folder"
+            )
+        config = AutoConfig.from_pretrained(path)
+        family_for(config.model_type)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
+        processor = AutoProcessor.from_pretrained(path)
+        model.eval()
+        return cls(model, processor)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.processor.save_pretrained(path)
+        return path
+
+    # --- parameter groups ------------------------------------------------------------------
+    def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in GROUPS}
+        for name, param in self.model.named_parameters():
+            groups[self.family.group_of(name)].append((name, param))
+        return groups
+
+    def group_sizes(self) -> dict[str, int]:
+        return {g: sum(p.numel() for _, p in ps) for g, ps in self.param_groups().items()}
+
+    def image_features(self, pixel_values: torch.Tensor, **image_kwargs: Any) -> torch.Tensor:
+        """The projector's output for a batch of images: the image tokens the LLM sees,
+        as one tensor [images, tokens, hidden] (or [tokens, hidden] for flattened families)."""
+        out = self.model.model.get_image_features(pixel_values=pixel_values, **image_kwargs)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        if isinstance(feats, (list, tuple)):
+            shapes = {f.shape for f in feats}
+            feats = torch.stack(list(feats)) if len(shapes) == 1 else torch.cat(list(feats))
+        return feats
+
+    # --- inputs ----------------------------------------------------------------------------
+    def prompt(self, question: str, has_image: bool) -> str:
+        if self.chat:
+            content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
+            return self.processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+        image = (self.processor.image_token + "\n") if has_image else ""
+        return image + PLAIN_PROMPT.format(question=question)
+
+    def target_ids(self, answers: Sequence[str], eos: bool = True) -> list[list[int]]:
+        lead = "" if self.chat else " "
+        ids = self.tokenizer([lead + a for a in answers], add_special_tokens=False)["input_ids"]
+        return [list(x) + ([self.tokenizer.eos_token_id] if eos else []) for x in ids]
+
+    def prompt_inputs(self, questions: Sequence[str], images: Sequence[Any] | None) -> tuple[list[list[int]], dict]:
+        """Token ids of each prompt (image placeholders expanded) and the image tensors."""
+        has_image = images is not None
+        texts = [self.prompt(q, has_image) for q in questions]
+        if has_image:
+            enc = self.processor(text=texts, images=list(images), return_tensors="pt", padding=True)
+            mask = enc.pop("attention_mask")
+            ids = [row[m.bool()].tolist() for row, m in zip(enc.pop("input_ids"), mask)]
+            extra = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        else:
+            ids = [list(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+            extra = {}
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and not self.chat:
+            ids = [[bos] + x for x in ids]
+        return ids, extra
+
+    def batch(self, prompt_ids: list[list[int]], target_ids: list[list[int]] | None = None,
+              left_pad: bool = False) -> dict[str, torch.Tensor]:
+        """Pad prompt (+ target) ids into input_ids, attention_mask and labels (-100 outside
+        the targets)."""
+        pad = self.tokenizer.pad_token_id
+        seqs, labels = [], []
+        for i, p in enumerate(prompt_ids):
+            t = target_ids[i] if target_ids is not None else []
+            seqs.append(p + t)
+            labels.append([-100] * len(p) + t)
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        att = torch.zeros((len(seqs), width), dtype=torch.long)
+        lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+        for i, (s, lb) in enumerate(zip(seqs, labels)):
+            sl = slice(width - len(s), width) if left_pad else slice(0, len(s))
+            ids[i, sl] = torch.tensor(s)
+            att[i, sl] = 1
+            lab[i, sl] = torch.tensor(lb)
+        return {"input_ids": ids, "attention_mask": att, "labels": lab}
+
+
+# --- the tiny model ------------------------------------------------------------------------
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained offline on ``texts`` (deterministic for the same texts)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="right",
+    )
+
+
+def build_tiny(cfg: ModelConfig, texts: Iterable[str], image_size: int) -> ModelAdapter:
+    """The tiny LLaVA of ``cfg``: CLIP-style vision tower, 2-layer MLP projector, Llama-style LLM."""
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    if image_size % cfg.patch_size:
+        raise ModelError(f"model.patch_size={cfg.patch_size} must divide the benchmark's image size {image_size}")
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(cfg.seed)
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate, num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads, image_size=image_size, patch_size=cfg.patch_size,
+    )
+    text = LlamaConfig(
+        hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate, num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_heads, vocab_size=len(tokenizer),
+        max_position_embeddings=cfg.max_positions, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token_id, projector_hidden_act=cfg.projector_act,
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.eval()
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True, do_convert_rgb=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+    )
+    return ModelAdapter(model, processor)
+
+
+def tiny_key(cfg: ModelConfig, data_fingerprint: str) -> str:
+    blob = json.dumps({"model": vars(cfg), "data": data_fingerprint}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def data_fingerprint(data: str | Path) -> str:
+    """A hash of the benchmark's metadata file (entities, splits, seed and settings)."""
+    return hashlib.sha256((Path(data) / "benchmark.json").read_bytes()).hexdigest()[:16]
+
+
+def resolve_model(spec: str | Path, cfg: ModelConfig, data: str | Path, cache: str | Path | None = None) -> Path:
+    """The folder of model ``spec``: a checkpoint folder as given, or for ``tiny`` the tiny
+    model of ``cfg`` for benchmark ``data``, built once and kept in the cache folder
+    (``$VKD_CACHE`` or ``.vkd/cache``)."""
+    import os
+    import shutil
+    import tempfile
+
+    from vkd.data.items import benchmark_texts
+    from vkd.data.layout import load_meta
+
+    if str(spec) != "tiny":
+        path = Path(spec)
+        if not (path / "config.json").is_file():
+            raise ModelError(f"--model {spec}: not a model folder (no config.json); pass tiny or a checkpoint folder")
+        return path
+    meta = load_meta(data)
+    image_size = int(meta.extra.get("image_size", 0) or 0)
+    if not image_size:
+        raise ModelError(f"benchmark {data} does not record its image size; the tiny model needs it")
+    root = Path(cache or os.environ.get("VKD_CACHE", ".vkd/cache"))
+    target = root / f"tiny-{tiny_key(cfg, data_fingerprint(data))}"
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    adapter = build_tiny(cfg, benchmark_texts(data), image_size)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
+    adapter.save(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
