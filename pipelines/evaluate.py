@@ -58,6 +58,7 @@ class ScorerActor:
         torch.set_num_threads(max(1, threads))
         self.adapter = ModelAdapter.load(model_path)
         self.max_new_tokens = max_new_tokens
+        self.ref_cache: dict = {}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from vkd.eval import score_items
@@ -65,7 +66,7 @@ class ScorerActor:
         items = [{c: _plain(rec[c]) for c in ITEM_COLUMNS} for rec in batch.to_dict("records")]
         for it in items:
             it["image"] = it["image"] if isinstance(it["image"], (bytes, bytearray)) else None
-        return pd.DataFrame(score_items(self.adapter, items, self.max_new_tokens))
+        return pd.DataFrame(score_items(self.adapter, items, self.max_new_tokens, self.ref_cache))
 
 
 def evaluate_on_ray(model_path: str | Path, data: str | Path, forget: str, cfg: EvalConfig) -> list[dict]:

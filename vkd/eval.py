@@ -107,7 +107,7 @@ def _blank_image(like: Any) -> Any:
 
 
 @torch.no_grad()
-def option_scores(adapter: ModelAdapter, items: Sequence[dict]) -> np.ndarray:
+def option_scores(adapter: ModelAdapter, items: Sequence[dict], ref_cache: dict | None = None) -> np.ndarray:
     """Calibrated score of every option of every item: [items, options].
 
     score = mean log p(option | context) - mean log p(option | content-free context), where
@@ -115,20 +115,23 @@ def option_scores(adapter: ModelAdapter, items: Sequence[dict]) -> np.ndarray:
     or with the entity's name replaced by "N/A" (text questions): contextual calibration
     ("calibrate before use"). It removes the model's prior for the option string under that
     kind of prompt, so neither a model that favours short or frequent strings nor a random
-    one scores above chance by them; what is left is what the entity's picture or name adds."""
+    one scores above chance by them; what is left is what the entity's picture or name adds.
+    The content-free scores repeat across entities; ``ref_cache`` keeps them for one model."""
     images = _images(items)
     prompt_ids, extra = adapter.prompt_inputs([it["question"] for it in items], images)
     n_opt = len(items[0]["options"])
     options = [opt for it in items for opt in it["options"]]
     rep = {k: v.repeat_interleave(n_opt, dim=0) for k, v in extra.items()}
     cond = _option_logp(adapter, [p for p in prompt_ids for _ in range(n_opt)], options, rep)
+    table = {} if ref_cache is None else ref_cache
     refs = [_reference(it) for it in items]
-    unique = sorted({(q, opt) for (q, _), it in zip(refs, items) for opt in it["options"]})
-    ref_questions = [q for q, _ in unique]
-    ref_images = [_blank_image(images[0])] * len(unique) if images is not None else None
-    ref_ids, ref_extra = adapter.prompt_inputs(ref_questions, ref_images)
-    table = dict(zip(unique, _option_logp(adapter, ref_ids, [o for _, o in unique], ref_extra).tolist()))
-    prior = torch.tensor([table[(q, opt)] for (q, _), it in zip(refs, items) for opt in it["options"]])
+    wanted = [(q, blank, opt) for (q, blank), it in zip(refs, items) for opt in it["options"]]
+    missing = sorted(set(wanted) - set(table))
+    if missing:
+        ref_images = [_blank_image(images[0])] * len(missing) if images is not None else None
+        ref_ids, ref_extra = adapter.prompt_inputs([q for q, _, _ in missing], ref_images)
+        table.update(zip(missing, _option_logp(adapter, ref_ids, [o for _, _, o in missing], ref_extra).tolist()))
+    prior = torch.tensor([table[w] for w in wanted])
     return (cond - prior).view(len(items), n_opt).numpy()
 
 
@@ -144,7 +147,8 @@ def generate(adapter: ModelAdapter, items: Sequence[dict], max_new_tokens: int) 
     return [t.strip().split("\n")[0] for t in texts]
 
 
-def score_items(adapter: ModelAdapter, items: Sequence[dict], max_new_tokens: int = 24) -> list[dict]:
+def score_items(adapter: ModelAdapter, items: Sequence[dict], max_new_tokens: int = 24,
+                ref_cache: dict | None = None) -> list[dict]:
     """One result per item: ``{key, value}``; value is 0/1 for mc and cloze, ROUGE-L F1 for gen.
 
     Items are computed one group at a time (same task, with or without image), each item
@@ -156,7 +160,7 @@ def score_items(adapter: ModelAdapter, items: Sequence[dict], max_new_tokens: in
     for (task, _, _), idx in groups.items():
         sub = [items[i] for i in idx]
         if task == "mc":
-            scores = option_scores(adapter, sub)
+            scores = option_scores(adapter, sub, ref_cache)
             for i, it, s in zip(idx, sub, scores):
                 values[i] = float(int(np.argmax(s)) == int(it["answer"]))
         else:
@@ -184,6 +188,7 @@ def evaluate_items(adapter: ModelAdapter, items: Sequence[dict], batch_size: int
                    max_new_tokens: int = 24) -> list[dict]:
     """In-process evaluation (unit tests, small runs): the same scoring the Ray actors run."""
     results: list[dict] = []
+    cache: dict = {}
     for start in range(0, len(items), batch_size):
-        results += score_items(adapter, items[start:start + batch_size], max_new_tokens)
+        results += score_items(adapter, items[start:start + batch_size], max_new_tokens, cache)
     return results
