@@ -11,6 +11,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_DATA_DISABLE_PROGRESS_BARS := 1
 export DS_ACCELERATOR := cpu
 export TOKENIZERS_PARALLELISM := false
+export MLFLOW_DISABLE_TELEMETRY := true
 
 .PHONY: demo test install clean
 

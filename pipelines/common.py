@@ -16,6 +16,7 @@ RAY_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "DS_ACCELERATOR": "cpu",
     "TOKENIZERS_PARALLELISM": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 for _k, _v in RAY_ENV.items():
     os.environ.setdefault(_k, _v)

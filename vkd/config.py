@@ -45,6 +45,7 @@ class ModelConfig:
     vision_heads: int = 4
     vision_intermediate: int = 256
     patch_size: int = 8
+    image_size: int = 0              # 0: the benchmark's image size (the synthetic one records it)
     text_hidden: int = 192
     text_layers: int = 4
     text_heads: int = 4
@@ -65,6 +66,38 @@ class EvalConfig:
 
 
 @dataclass
+class TrainConfig:
+    """One trainer for every stage that changes weights (vanilla, unlearn, relearn)."""
+    workers: int = 2                 # Ray Train workers, each driving a DeepSpeed engine
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False            # GPU + nccl on a cluster; CPU + gloo otherwise
+    zero_stage: int = 2              # DeepSpeed ZeRO stage 0-3
+    precision: str = "fp32"          # fp32 | bf16 | fp16
+    batch_size: int = 16             # micro-batch per worker
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    epochs: float = 3.0              # passes over the training rows (max_steps overrides)
+    max_steps: int = 0
+    max_length: int = 128            # tokens per row, image tokens included
+    shuffle_buffer: int = 2048       # rows in each worker's local shuffle buffer
+    trainable: str = "all"           # all | visual (vision tower + projector)
+    seed: int = 0                    # offset by the worker's rank
+    checkpoint_every: int = 200      # steps between checkpoints (and at the end)
+    log_every: int = 10
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: MLFLOW_TRACKING_URI wins; else a SQLite file in the working folder."""
+    experiment: str = "vkd"
+    sqlite_file: str = "mlflow.db"
+    artifact_dir: str = "mlruns"
+    register: bool = True            # register stage models in the model registry
+
+
+@dataclass
 class RayConfig:
     num_cpus: int = 4                # logical CPUs of the embedded Ray (no RAY_ADDRESS)
 
@@ -74,6 +107,8 @@ class Config:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -260,12 +260,12 @@ def resolve_model(spec: str | Path, cfg: ModelConfig, data: str | Path, cache: s
         path = Path(spec)
         if not (path / "config.json").is_file():
             raise ModelError(f"--model {spec}: not a model folder (no config.json); pass tiny or a checkpoint folder")
-        return path
+        return path.resolve()
     meta = load_meta(data)
-    image_size = int(meta.extra.get("image_size", 0) or 0)
+    image_size = cfg.image_size or int(meta.extra.get("image_size", 0) or 0)
     if not image_size:
-        raise ModelError(f"benchmark {data} does not record its image size; the tiny model needs it")
-    root = Path(cache or os.environ.get("VKD_CACHE", ".vkd/cache"))
+        raise ModelError(f"benchmark {data} does not record an image size; set model.image_size for the tiny model")
+    root = Path(cache or os.environ.get("VKD_CACHE", ".vkd/cache")).resolve()
     target = root / f"tiny-{tiny_key(cfg, data_fingerprint(data))}"
     if (target / "config.json").is_file():
         return target

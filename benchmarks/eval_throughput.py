@@ -1,0 +1,76 @@
+"""Foundation figures, measured side by side in one run:
+
+- generation time and size of the demo benchmark (configs/demo.yaml);
+- evaluation items/s of the same untrained tiny model on the same items, through the Ray
+  Data actor pool and in-process, and the two metric tables (they must agree).
+
+    .venv/bin/python benchmarks/eval_throughput.py [--config configs/demo.yaml] [--rows N]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from pipelines.common import init_ray
+from pipelines.evaluate import evaluate_on_ray, format_table
+from vkd.config import load_config
+from vkd.data import prepare_benchmark
+from vkd.data.items import eval_items
+from vkd.eval import aggregate, counts, evaluate_items
+from vkd.model import ModelAdapter, resolve_model
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--rows", type=int, default=3, help="questions per row and key (eval.max_rows)")
+    ap.add_argument("--forget", default="forget_10")
+    args = ap.parse_args()
+    cfg = load_config(args.config, [f"eval.max_rows={args.rows}"])
+    work = Path(tempfile.mkdtemp(prefix="vkd-bench-"))
+    try:
+        settings = dataclasses.asdict(cfg.benchmark)
+        start = time.perf_counter()
+        meta = prepare_benchmark(settings.pop("kind"), work / "data", **settings)
+        gen_s = time.perf_counter() - start
+        size = folder_size(work / "data")
+        print(f"demo benchmark: {len(meta.entities)} entities, generated in {gen_s:.1f} s, "
+              f"{size / 2**20:.1f} MiB on disk")
+
+        path = resolve_model("tiny", cfg.model, work / "data", cache=work / "models")
+        items = eval_items(work / "data", args.forget, limit=cfg.eval.max_rows, generation=cfg.eval.generation)
+        import torch
+
+        torch.set_num_threads(int(cfg.eval.actors * cfg.eval.cpus_per_actor))
+        adapter = ModelAdapter.load(path)
+        start = time.perf_counter()
+        local = evaluate_items(adapter, items, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        local_s = time.perf_counter() - start
+
+        init_ray(cfg)
+        start = time.perf_counter()
+        on_ray = evaluate_on_ray(path, work / "data", args.forget, cfg.eval)
+        ray_s = time.perf_counter() - start
+
+        print(format_table({}, counts(local), {"in-process": aggregate(local), "ray-data": aggregate(on_ray)}))
+        print(f"\n{len(items)} items ({cfg.eval.actors} actors x {cfg.eval.cpus_per_actor} CPU vs in-process "
+              f"with {torch.get_num_threads()} threads)")
+        print(f"in-process: {len(local) / local_s:7.1f} items/s ({local_s:.1f} s)")
+        print(f"ray data:   {len(on_ray) / ray_s:7.1f} items/s ({ray_s:.1f} s, actor start-up included)")
+        print(f"ratio ray/in-process: {local_s / ray_s:.2f}x")
+        same = aggregate(local) == aggregate(on_ray)
+        print(f"same metrics: {same}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

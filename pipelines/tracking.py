@@ -1,0 +1,87 @@
+"""MLflow: every stage run is an MLflow run; models are logged and registered with aliases.
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` when set (a server), else a SQLite file in the working
+folder. The experiment is created here, with an explicit artifact location, so Ray workers
+never have to create it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from vkd.config import Config, TrackingConfig
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.sqlite_file).resolve()}"
+
+
+def experiment_id(cfg: TrackingConfig) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    found = mlflow.get_experiment_by_name(cfg.experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = Path(cfg.artifact_dir).resolve().as_uri()
+    try:
+        return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    except Exception:  # created concurrently by another stage
+        return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+@contextmanager
+def stage_run(cfg: Config, stage: str, tags: dict[str, str], run_name: str | None = None) -> Iterator[Any]:
+    """An MLflow run holding the resolved config as params and the standard tags."""
+    import mlflow
+
+    exp = experiment_id(cfg.mlflow)
+    all_tags = {"stage": stage, "config_hash": cfg.hash(), "git_sha": git_sha(), **tags}
+    with mlflow.start_run(experiment_id=exp, run_name=run_name or stage, tags=all_tags) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(cfg.to_dict()).items()})
+        yield run
+
+
+def log_model(run_id: str, folder: str | Path, name: str, aliases: list[str], register: bool) -> int | None:
+    """Log a Hugging Face folder as the run's ``model`` artifact; register it as a new
+    version of ``name`` and point ``aliases`` at it. Returns the version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    client.log_artifacts(run_id, str(folder), artifact_path="model")
+    if not register:
+        return None
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # already registered: add a version
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    version = client.create_model_version(name, source, run_id=run_id, tags={"run_id": run_id})
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)

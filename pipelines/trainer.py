@@ -1,0 +1,227 @@
+"""The one trainer: Ray Train workers, each driving a DeepSpeed engine, fed by Ray Data.
+
+The caller gives the model folder, the Ray dataset of train items, which parameter groups
+train, an optional per-parameter gradient mask and the loss (a name in
+``vkd.train.LOSSES``). Checkpoints go through ``ray.train.report``; a restarted worker
+group resumes from the latest one and finishes with the same step count.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vkd.config import TrainConfig
+
+FAULT_ENV = "VKD_TEST_FAULT_AT_STEP"     # test-only: kill rank 0 once at this step
+FAULT_MARKER_ENV = "VKD_TEST_FAULT_MARKER"
+
+
+@dataclass
+class TrainJob:
+    model_path: str
+    out_dir: str                       # the final Hugging Face folder
+    cfg: TrainConfig
+    total_steps: int
+    loss: str = "lm"
+    masks_path: str | None = None      # torch.save'd {param name: 0/1 tensor}
+    mlflow: dict[str, str] = field(default_factory=dict)   # tracking_uri, run_id
+    name: str = "train"
+
+
+class TokenizeBatch:
+    """map_batches stage: decode and tokenise a batch of train items with the model's processor."""
+
+    def __init__(self, model_path: str, max_length: int):
+        from vkd.model import ModelAdapter
+        from vkd.train import Tokenize
+
+        self.tokenize = Tokenize(ModelAdapter.load(model_path), max_length)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["question"])
+        items = [{"image": batch["image"][i] if batch["image"][i] is not None else None,
+                  "question": str(batch["question"][i]), "answer": str(batch["answer"][i]),
+                  "source": str(batch["source"][i])} for i in range(n)]
+        return self.tokenize(items)
+
+
+def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, split_rows=None):
+    """Ray dataset of tokenised train items: parquet shards -> items -> arrays, streamed."""
+    import ray
+
+    from vkd.data.items import expand_train_row
+    from vkd.data.layout import TRAIN_SPLIT, shard_paths
+
+    def expand(row: dict[str, Any]) -> list[dict[str, Any]]:
+        row = dict(row)
+        row["_source"] = f"{row.pop('path', 'ft_Data')}, entity {row.get('ID')}"
+        return [{k: it[k] for k in ("image", "question", "answer", "source")} for it in expand_train_row(row)]
+
+    ds = ray.data.read_parquet([str(p) for p in shard_paths(data, TRAIN_SPLIT)], include_paths=True)
+    ds = ds.flat_map(expand if split_rows is None else split_rows)
+    return ds.map_batches(TokenizeBatch, fn_constructor_kwargs={"model_path": model_path, "max_length": cfg.max_length},
+                          batch_size=64, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+                          num_cpus=0.5)
+
+
+def _save_hf(engine, adapter, path: Path, rank: int, zero_stage: int) -> None:
+    import contextlib
+
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else contextlib.nullcontext()
+    with ctx:
+        if rank == 0:
+            adapter.save(path)
+
+
+def worker_loop(job_dict: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import deepspeed
+    import ray.train
+    import torch
+
+    from vkd.model import ModelAdapter
+    from vkd.train import LOSSES, ds_config, model_inputs, set_trainable, skip_shm_comm_build
+
+    job = TrainJob(**{**job_dict, "cfg": TrainConfig(**job_dict["cfg"])})
+    cfg = job.cfg
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    if not cfg.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    skip_shm_comm_build()
+
+    adapter = ModelAdapter.load(job.model_path)
+    model = adapter.model
+    model.train()
+    params = set_trainable(adapter, cfg.trainable)
+    if job.masks_path:
+        masks = torch.load(job.masks_path)
+        for name, p in model.named_parameters():
+            if name in masks and p.requires_grad:
+                p.register_hook(lambda g, m=masks[name].to(g.dtype): g * m)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, job.total_steps))
+    loss_fn = LOSSES.get(job.loss)
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag="ds")
+            step = json.loads((Path(d) / "state.json").read_text())["step"]
+
+    tracker = None
+    if rank == 0 and job.mlflow.get("run_id"):
+        from mlflow.tracking import MlflowClient
+
+        tracker = MlflowClient(job.mlflow["tracking_uri"])
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=job.total_steps, initial=step, desc=job.name, mininterval=5, ascii=True)
+
+    shard = ray.train.get_dataset_shard("train")
+    fault_at = int(os.environ.get(FAULT_ENV, "0") or 0)
+    marker = os.environ.get(FAULT_MARKER_ENV, "")
+    start, epoch_batches = time.perf_counter(), None
+    seen = step
+    while step < job.total_steps:
+        skip = step % epoch_batches if epoch_batches else 0
+        count = 0
+        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
+                                              local_shuffle_buffer_size=cfg.shuffle_buffer,
+                                              local_shuffle_seed=cfg.seed + rank + step):
+            count += 1
+            if count <= skip:
+                continue
+            inputs = model_inputs({k: v.to(engine.device) for k, v in batch.items()})
+            loss, metrics = loss_fn(engine, inputs)
+            # Every trainable parameter takes part in every step on every rank (a text-only
+            # batch skips the vision tower), or ZeRO's gradient buckets differ across ranks.
+            loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in params)
+            engine.backward(loss)
+            engine.step()
+            if not engine.is_gradient_accumulation_boundary() and cfg.grad_accum > 1:
+                continue
+            step += 1
+            if rank == 0 and fault_at and step == fault_at and marker and not Path(marker).exists():
+                Path(marker).write_text(str(step))
+                os._exit(1)
+            done = step >= job.total_steps
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            report = {**metrics, "step": step, "lr": engine.get_lr()[0],
+                      "samples_per_s": (step - seen) * cfg.batch_size * world / max(time.perf_counter() - start, 1e-9)}
+            if tracker is not None and (step % cfg.log_every == 0 or done):
+                for k, v in report.items():
+                    if k != "step":
+                        tracker.log_metric(job.mlflow["run_id"], f"train/{k}", float(v), step=step)
+            if step % cfg.checkpoint_every == 0 or done:
+                with tempfile.TemporaryDirectory() as tmp:
+                    engine.save_checkpoint(tmp, tag="ds")
+                    if rank == 0:
+                        (Path(tmp) / "state.json").write_text(json.dumps({"step": step}))
+                    if done:
+                        _save_hf(engine, adapter, Path(tmp) / "hf", rank, cfg.zero_stage)
+                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            if done:
+                break
+        if epoch_batches is None:
+            epoch_batches = count
+            if count == 0:
+                raise RuntimeError("a worker got no training batch: use fewer workers or a smaller train.batch_size")
+    if bar is not None:
+        bar.close()
+
+
+def steps_for(n_items: int, cfg: TrainConfig) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    per_step = cfg.batch_size * cfg.workers * cfg.grad_accum
+    return max(1, math.ceil(cfg.epochs * n_items / per_step))
+
+
+def run_training(job: TrainJob, dataset, storage: str | Path, max_failures: int = 1):
+    """Train on Ray; copy the final Hugging Face folder to ``job.out_dir``; return the Result."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = job.cfg
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={**asdict(job), "cfg": asdict(cfg)},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=job.name, storage_path=str(Path(storage).resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        hf = Path(d) / "hf"
+        if not (hf / "config.json").is_file():
+            raise RuntimeError(f"the final checkpoint {result.checkpoint.path} holds no model")
+        tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=Path(job.out_dir).parent))
+        shutil.copytree(hf, tmp, dirs_exist_ok=True)
+        tmp.rename(job.out_dir)
+    return result

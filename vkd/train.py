@@ -1,0 +1,130 @@
+"""The training loop's pieces, plain PyTorch: batches, trainable groups, losses, DeepSpeed config.
+
+``pipelines/trainer.py`` puts them on Ray Train; everything here also runs in one process
+(benchmarks, unit tests).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from vkd.config import TrainConfig
+from vkd.data.layout import decode_image
+from vkd.model import GROUPS, ModelAdapter
+from vkd.registry import Registry
+
+TRAINABLE = {"all": GROUPS, "visual": ("vision", "projector")}
+
+
+class Tokenize:
+    """Train items (image bytes or None, question, answer) -> fixed-length arrays.
+
+    Every row is padded to ``max_length`` so batches of any origin stack; the train step
+    trims the padding again. Text-only rows carry a zero image and ``has_image`` False."""
+
+    def __init__(self, adapter: ModelAdapter, max_length: int):
+        self.adapter, self.max_length = adapter, max_length
+        size = adapter.processor.image_processor.crop_size
+        self.image_shape = (3, int(size["height"]), int(size["width"]))
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        n, width = len(items), self.max_length
+        out = {
+            "input_ids": np.full((n, width), self.adapter.tokenizer.pad_token_id, dtype=np.int64),
+            "attention_mask": np.zeros((n, width), dtype=np.int64),
+            "labels": np.full((n, width), -100, dtype=np.int64),
+            "pixel_values": np.zeros((n, *self.image_shape), dtype=np.float32),
+            "has_image": np.zeros(n, dtype=bool),
+        }
+        with_image = [i for i, it in enumerate(items) if it["image"] is not None]
+        without = [i for i, it in enumerate(items) if it["image"] is None]
+        for idx, has in ((with_image, True), (without, False)):
+            if not idx:
+                continue
+            sub = [items[i] for i in idx]
+            images = [decode_image(it["image"], it.get("source", "train row")) for it in sub] if has else None
+            prompts, extra = self.adapter.prompt_inputs([it["question"] for it in sub], images)
+            targets = self.adapter.target_ids([it["answer"] for it in sub])
+            for j, i in enumerate(idx):
+                seq = (prompts[j] + targets[j])[:width]
+                lab = ([-100] * len(prompts[j]) + targets[j])[:width]
+                if len(prompts[j]) >= width:
+                    raise ValueError(f"train.max_length={width} is shorter than a prompt ({len(prompts[j])} tokens)")
+                out["input_ids"][i, :len(seq)] = seq
+                out["attention_mask"][i, :len(seq)] = 1
+                out["labels"][i, :len(lab)] = lab
+            if has:
+                out["pixel_values"][idx] = extra["pixel_values"].numpy()
+                out["has_image"][idx] = True
+        return out
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Trim padding and keep the images of the rows that have one."""
+    width = int(batch["attention_mask"].sum(1).max())
+    inputs = {k: batch[k][:, :width] for k in ("input_ids", "attention_mask", "labels")}
+    has = batch["has_image"].bool()
+    if has.any():
+        inputs["pixel_values"] = batch["pixel_values"][has]
+    return inputs
+
+
+def set_trainable(adapter: ModelAdapter, which: str) -> list[torch.nn.Parameter]:
+    """Freeze every group outside ``which`` (no gradients, so no optimizer state either)."""
+    if which not in TRAINABLE:
+        raise ValueError(f"train.trainable={which!r}; choose one of {', '.join(TRAINABLE)}")
+    keep = TRAINABLE[which]
+    params = []
+    for group, named in adapter.param_groups().items():
+        for _, p in named:
+            p.requires_grad_(group in keep)
+            if group in keep:
+                params.append(p)
+    return params
+
+
+# A loss takes the model and a batch of model inputs and returns (loss, metrics to log).
+Loss = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+LOSSES: Registry[Loss] = Registry("loss")
+
+
+@LOSSES.register("lm")
+def lm_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy on the answer tokens (labels are -100 elsewhere)."""
+    loss = model(**inputs).loss
+    return loss, {"loss": float(loss.detach())}
+
+
+def ds_config(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:
+    """DeepSpeed config of a run. The optimizer is a torch one passed in, so DeepSpeed
+    JIT-builds no fused optimizer."""
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": min(cfg.warmup_steps, total_steps),
+            "total_num_steps": max(total_steps, 1), "warmup_type": "linear"}},
+    }
+    if cfg.precision == "bf16":
+        conf["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        conf["fp16"] = {"enabled": True}
+    return conf
+
+
+def skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op (30-40 s on a
+    fresh machine) that only inference uses; mark it incompatible so gloo does the work."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
