@@ -46,7 +46,7 @@ def main() -> None:
               f"{size / 2**20:.1f} MiB on disk")
 
         path = resolve_model("tiny", cfg.model, work / "data", cache=work / "models")
-        items = eval_items(work / "data", args.forget, limit=cfg.eval.max_rows, generation=cfg.eval.generation)
+        items = eval_items(work / "data", args.forget, cfg.eval.max_rows, cfg.eval.generation, cfg.eval.max_open)
         import torch
 
         torch.set_num_threads(int(cfg.eval.actors * cfg.eval.cpus_per_actor))

@@ -36,15 +36,15 @@ def _plain(value: Any) -> Any:
 
 
 class _Expand:
-    def __init__(self, role: str, ids: list[str] | None, limit: int, generation: bool):
-        self.role, self.ids, self.limit, self.generation = role, set(ids) if ids else None, limit, generation
+    def __init__(self, role: str, ids: list[str] | None, cfg: EvalConfig):
+        self.role, self.ids, self.cfg = role, set(ids) if ids else None, cfg
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         row = {k: _plain(v) for k, v in row.items()}
         if self.ids is not None and row["ID"] not in self.ids:
             return []
         row["_source"] = f"{row.pop('path', 'shard')}, entity {row['ID']}"
-        return expand_eval_row(row, self.role, self.limit, self.generation)
+        return expand_eval_row(row, self.role, self.cfg.max_rows, self.cfg.generation, self.cfg.max_open)
 
 
 class ScorerActor:
@@ -76,7 +76,7 @@ def evaluate_on_ray(model_path: str | Path, data: str | Path, forget: str, cfg: 
     parts = []
     for split, role, ids in eval_plan(data, forget):
         ds = ray.data.read_parquet([str(p) for p in shard_paths(data, split)], include_paths=True)
-        parts.append(ds.flat_map(_Expand(role, ids, cfg.max_rows, cfg.generation)))
+        parts.append(ds.flat_map(_Expand(role, ids, cfg)))
     items = parts[0].union(*parts[1:])
     scored = items.map_batches(
         ScorerActor, fn_constructor_kwargs={"model_path": str(model_path), "max_new_tokens": cfg.max_new_tokens,

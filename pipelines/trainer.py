@@ -21,10 +21,6 @@ import numpy as np
 
 from vkd.config import TrainConfig
 
-FAULT_ENV = "VKD_TEST_FAULT_AT_STEP"     # test-only: kill rank 0 once at this step
-FAULT_MARKER_ENV = "VKD_TEST_FAULT_MARKER"
-
-
 @dataclass
 class TrainJob:
     model_path: str
@@ -35,6 +31,8 @@ class TrainJob:
     masks_path: str | None = None      # torch.save'd {param name: 0/1 tensor}
     mlflow: dict[str, str] = field(default_factory=dict)   # tracking_uri, run_id
     name: str = "train"
+    fault_at_step: int = 0             # test-only fault hook: rank 0 dies once at this step,
+    fault_marker: str = ""             # leaving this file behind so it dies only once
 
 
 class TokenizeBatch:
@@ -123,6 +121,7 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag="ds")
             step = json.loads((Path(d) / "state.json").read_text())["step"]
+    resumed_from = step
 
     tracker = None
     if rank == 0 and job.mlflow.get("run_id"):
@@ -136,19 +135,13 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
         bar = tqdm(total=job.total_steps, initial=step, desc=job.name, mininterval=5, ascii=True)
 
     shard = ray.train.get_dataset_shard("train")
-    fault_at = int(os.environ.get(FAULT_ENV, "0") or 0)
-    marker = os.environ.get(FAULT_MARKER_ENV, "")
-    start, epoch_batches = time.perf_counter(), None
-    seen = step
-    while step < job.total_steps:
-        skip = step % epoch_batches if epoch_batches else 0
+    start, seen = time.perf_counter(), step
+    while step < job.total_steps:  # one pass over the shard per loop; a resumed run starts a new pass
         count = 0
         for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
                                               local_shuffle_buffer_size=cfg.shuffle_buffer,
                                               local_shuffle_seed=cfg.seed + rank + step):
             count += 1
-            if count <= skip:
-                continue
             inputs = model_inputs({k: v.to(engine.device) for k, v in batch.items()})
             loss, metrics = loss_fn(engine, inputs)
             # Every trainable parameter takes part in every step on every rank (a text-only
@@ -159,18 +152,19 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
             if not engine.is_gradient_accumulation_boundary() and cfg.grad_accum > 1:
                 continue
             step += 1
-            if rank == 0 and fault_at and step == fault_at and marker and not Path(marker).exists():
-                Path(marker).write_text(str(step))
+            if rank == 0 and step == job.fault_at_step and job.fault_marker and not Path(job.fault_marker).exists():
+                Path(job.fault_marker).write_text(str(step))
+                time.sleep(5)  # let the controller register the last reported checkpoint first
                 os._exit(1)
             done = step >= job.total_steps
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            report = {**metrics, "step": step, "lr": engine.get_lr()[0],
+            report = {**metrics, "step": step, "resumed_from": resumed_from, "lr": engine.get_lr()[0],
                       "samples_per_s": (step - seen) * cfg.batch_size * world / max(time.perf_counter() - start, 1e-9)}
             if tracker is not None and (step % cfg.log_every == 0 or done):
                 for k, v in report.items():
-                    if k != "step":
+                    if k not in ("step", "resumed_from"):
                         tracker.log_metric(job.mlflow["run_id"], f"train/{k}", float(v), step=step)
             if step % cfg.checkpoint_every == 0 or done:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -182,10 +176,8 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             if done:
                 break
-        if epoch_batches is None:
-            epoch_batches = count
-            if count == 0:
-                raise RuntimeError("a worker got no training batch: use fewer workers or a smaller train.batch_size")
+        if count == 0:
+            raise RuntimeError("a worker got no training batch: use fewer workers or a smaller train.batch_size")
     if bar is not None:
         bar.close()
 

@@ -56,9 +56,12 @@ def _open_items(role: str, tasks: list[dict], task: str, image: bytes | None, en
                "truth": t["Ground_Truth"], "image": image if visual else None, "source": source}
 
 
-def expand_eval_row(row: dict[str, Any], role: str, limit: int = 0, generation: bool = True) -> list[dict]:
+def expand_eval_row(row: dict[str, Any], role: str, limit: int = 0, generation: bool = True,
+                    open_limit: int = 0) -> list[dict]:
     """Every evaluation item of one forget/retain row (``role`` forget|retain) or one Test_Set
-    row (``role`` test: each unseen image with every image question)."""
+    row (``role`` test: each unseen image with every image question). ``limit`` caps every
+    kind of question per row and key, ``open_limit`` the open (generation, cloze) ones."""
+    open_limit = min(x for x in (limit, open_limit) if x) if (limit or open_limit) else 0
     source = row.get("_source", f"entity {row['ID']}")
     cls = row.get("Classification_Task") or {}
     entity, name = row["ID"], row.get("name") or ""
@@ -69,15 +72,15 @@ def expand_eval_row(row: dict[str, Any], role: str, limit: int = 0, generation: 
             where = f"{source}, image {k}"
             items += _mc_items("test_vqa", cls.get("Image_Textual_Questions") or [], image, entity, name, where, limit)
             if generation:
-                items += _open_items("test", row.get("Generation_Task"), "gen", image, entity, name, where, limit, True)
-                items += _open_items("test", row.get("Mask_Task"), "cloze", image, entity, name, where, limit, True)
+                items += _open_items("test", row.get("Generation_Task"), "gen", image, entity, name, where, open_limit, True)
+                items += _open_items("test", row.get("Mask_Task"), "cloze", image, entity, name, where, open_limit, True)
         return items
     image = _image_bytes(row.get("image"))
     items += _mc_items(f"{role}_vqa", cls.get("Image_Textual_Questions") or [], image, entity, name, source, limit)
     items += _mc_items(f"{role}_qa", cls.get("Pure_Text_Questions") or [], None, entity, name, source, limit)
     if generation:
-        items += _open_items(role, row.get("Generation_Task"), "gen", image, entity, name, source, limit, False)
-        items += _open_items(role, row.get("Mask_Task"), "cloze", image, entity, name, source, limit, False)
+        items += _open_items(role, row.get("Generation_Task"), "gen", image, entity, name, source, open_limit, False)
+        items += _open_items(role, row.get("Mask_Task"), "cloze", image, entity, name, source, open_limit, False)
     return items
 
 
@@ -90,11 +93,12 @@ def eval_plan(data: str | Path, forget: str) -> list[tuple[str, str, list[str] |
     return [(forget, "forget", None), (retain, "retain", None), (TEST_SPLIT, "test", forget_ids)]
 
 
-def eval_items(data: str | Path, forget: str, limit: int = 0, generation: bool = True) -> list[dict]:
+def eval_items(data: str | Path, forget: str, limit: int = 0, generation: bool = True,
+               open_limit: int = 0) -> list[dict]:
     items: list[dict] = []
     for split, role, ids in eval_plan(data, forget):
         for row in read_rows(data, split, ids):
-            items += expand_eval_row(row, role, limit, generation)
+            items += expand_eval_row(row, role, limit, generation, open_limit)
     return items
 
 

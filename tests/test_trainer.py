@@ -1,0 +1,132 @@
+"""The trainer: 2-worker DeepSpeed on Ray Train lowers the loss, resumes after a worker dies,
+and a stage never overwrites a model folder or registered version. MLflow: the SQLite default
+and a real `mlflow server` on 127.0.0.1."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, SMALL_MODEL
+from vkd.config import TrainConfig
+from vkd.data.items import expand_train_row
+from vkd.data.layout import TRAIN_SPLIT, read_rows
+from vkd.model import ModelAdapter
+from vkd.train import Tokenize, lm_loss, model_inputs
+
+SMALL_TRAIN = TrainConfig(workers=2, cpus_per_worker=1, zero_stage=2, batch_size=8, lr=3e-3, warmup_steps=5,
+                          max_steps=30, checkpoint_every=10, log_every=5, max_length=96)
+MODEL_OVERRIDES = [f"model.{k}={v}" for k, v in dataclasses.asdict(SMALL_MODEL).items()]
+
+
+def _mean_loss(path: Path, data: Path) -> float:
+    adapter = ModelAdapter.load(path)
+    items = [it for r in read_rows(data, TRAIN_SPLIT) for it in expand_train_row(r)][::7][:48]
+    batch = {k: torch.from_numpy(v) for k, v in Tokenize(adapter, 96)(items).items()}
+    with torch.no_grad():
+        return float(lm_loss(adapter.model, model_inputs(batch))[0])
+
+
+def _train(small_data, tiny_path, out: Path, **job_fields):
+    from pipelines.trainer import TrainJob, run_training, train_dataset
+
+    cfg = job_fields.pop("cfg", SMALL_TRAIN)
+    job = TrainJob(model_path=str(tiny_path), out_dir=str(out), cfg=cfg, total_steps=cfg.max_steps, **job_fields)
+    return run_training(job, train_dataset(small_data, str(tiny_path), cfg), storage=out.parent / "ray")
+
+
+def test_two_worker_zero2_run_lowers_the_loss(small_data, tiny_path, tmp_path, ray_local):
+    result = _train(small_data, tiny_path, tmp_path / "trained", name="loss")
+    assert result.metrics["step"] == SMALL_TRAIN.max_steps
+    assert (tmp_path / "trained" / "model.safetensors").is_file()
+    before, after = _mean_loss(tiny_path, small_data), _mean_loss(tmp_path / "trained", small_data)
+    assert after < before * 0.8, (before, after)
+
+
+def test_a_dead_worker_resumes_from_its_checkpoint(small_data, tiny_path, tmp_path, ray_local):
+    marker = tmp_path / "fault.txt"
+    result = _train(small_data, tiny_path, tmp_path / "resumed", name="fault", fault_at_step=15,
+                    fault_marker=str(marker))
+    assert marker.read_text() == "15", "the fault hook fired"
+    assert result.metrics["step"] == SMALL_TRAIN.max_steps
+    assert result.metrics["resumed_from"] == 10, "restarted from the step-10 checkpoint, not from scratch"
+    with result.checkpoint.as_directory() as d:
+        assert json.loads((Path(d) / "state.json").read_text())["step"] == SMALL_TRAIN.max_steps
+
+
+def _vanilla(data: Path, out: Path, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipelines.vanilla", "--data", str(data), "--out", str(out), "--no-eval",
+           *MODEL_OVERRIDES, "train.max_steps=6", "train.batch_size=4", "train.checkpoint_every=3",
+           "train.workers=2", "train.max_length=96"]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=full_env)
+
+
+def _check_run(client, name: str, version: int, entities: int) -> None:
+    mv = client.get_model_version(name, str(version))
+    run = client.get_run(mv.run_id)
+    assert run.data.tags["stage"] == "vanilla" and run.data.tags["benchmark"] == "synthetic"
+    assert run.data.tags["entities"] == str(entities) and len(run.data.tags["config_hash"]) == 12
+    assert "git_sha" in run.data.tags
+    assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.text_hidden"] == "64"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history][-1] == 6
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/config.json", "model/model.safetensors", "model/vkd_config.yaml"} <= artifacts
+    assert str(client.get_model_version_by_alias(name, "vanilla").version) == str(version)
+
+
+def test_vanilla_on_the_sqlite_default_never_overwrites(small_data, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    first = _vanilla(small_data, tmp_path / "vanilla", tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "registered version 1" in first.stdout
+    weights = (tmp_path / "vanilla" / "model.safetensors").read_bytes()
+    again = _vanilla(small_data, tmp_path / "vanilla", tmp_path)
+    assert again.returncode == 2 and "exists" in again.stderr
+    assert (tmp_path / "vanilla" / "model.safetensors").read_bytes() == weights
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _check_run(client, "vkd-synthetic-vanilla", 1, 12)
+    assert len(client.search_model_versions("name='vkd-synthetic-vanilla'")) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vanilla_against_a_real_mlflow_server(small_data, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", (tmp_path / "server-artifacts").as_uri(), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(1)
+        done = _vanilla(small_data, tmp_path / "vanilla", tmp_path, {"MLFLOW_TRACKING_URI": uri})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert not (tmp_path / "mlflow.db").exists(), "the server, not a local file, holds the run"
+        _check_run(MlflowClient(uri), "vkd-synthetic-vanilla", 1, 12)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
