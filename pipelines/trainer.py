@@ -135,7 +135,7 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
         bar = tqdm(total=job.total_steps, initial=step, desc=job.name, mininterval=5, ascii=True)
 
     shard = ray.train.get_dataset_shard("train")
-    start, seen = time.perf_counter(), step
+    start, seen = None, step  # throughput counts from the end of the first step (pipelines warmed up)
     while step < job.total_steps:  # one pass over the shard per loop; a resumed run starts a new pass
         count = 0
         for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
@@ -152,6 +152,8 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
             if not engine.is_gradient_accumulation_boundary() and cfg.grad_accum > 1:
                 continue
             step += 1
+            if start is None:
+                start, seen = time.perf_counter(), step
             if rank == 0 and step == job.fault_at_step and job.fault_marker and not Path(job.fault_marker).exists():
                 Path(job.fault_marker).write_text(str(step))
                 time.sleep(5)  # let the controller register the last reported checkpoint first
@@ -161,7 +163,8 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             report = {**metrics, "step": step, "resumed_from": resumed_from, "lr": engine.get_lr()[0],
-                      "samples_per_s": (step - seen) * cfg.batch_size * world / max(time.perf_counter() - start, 1e-9)}
+                      "samples_per_s": (step - seen) * cfg.batch_size * cfg.grad_accum * world
+                      / max(time.perf_counter() - start, 1e-9)}
             if tracker is not None and (step % cfg.log_every == 0 or done):
                 for k, v in report.items():
                     if k not in ("step", "resumed_from"):
