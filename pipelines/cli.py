@@ -7,6 +7,7 @@ from typing import Sequence
 
 STAGES = {
     "prepare": "make or ingest a benchmark into parquet shards",
+    "vanilla": "fine-tune the base model on every entity (the teacher), on Ray Train + DeepSpeed",
     "evaluate": "multiple-choice, generation and cloze metrics on Ray Data",
     "demo": "prepare the demo benchmark and evaluate a model on it, printing a table",
 }

@@ -110,7 +110,7 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
         masks = torch.load(job.masks_path)
         for name, p in model.named_parameters():
             if name in masks and p.requires_grad:
-                p.register_hook(lambda g, m=masks[name].to(g.dtype): g * m)
+                p.register_hook(lambda g, m=masks[name]: g * m.to(g.dtype))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, job.total_steps))
     loss_fn = LOSSES.get(job.loss)

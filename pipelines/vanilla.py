@@ -21,9 +21,7 @@ from vkd.model import resolve_model
 
 
 def count_train_items(data: str | Path) -> int:
-    import json as _json
-
-    return sum(len(_json.loads(r["metadata"])) for r in read_rows(data, TRAIN_SPLIT))
+    return sum(len(json.loads(r["metadata"])) for r in read_rows(data, TRAIN_SPLIT))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -13,7 +13,7 @@ from tests.conftest import SMALL
 from vkd.data import prepare_benchmark
 from vkd.data.items import eval_items, expand_train_row
 from vkd.data.layout import (
-    ALL_SPLITS, FORGET_SPLITS, LETTERS, RETAIN_OF, TEST_SPLIT, TRAIN_SPLIT, BenchmarkError, load_meta, read_rows,
+    ALL_SPLITS, FORGET_SPLITS, RETAIN_OF, TEST_SPLIT, TRAIN_SPLIT, BenchmarkError, load_meta, read_rows,
     schema_of, shard_paths,
 )
 

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.conftest import ROOT, SMALL_MODEL
@@ -130,3 +129,22 @@ def test_vanilla_against_a_real_mlflow_server(small_data, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_frozen_groups_and_masked_entries_do_not_move(small_data, tiny_path, tmp_path, ray_local):
+    def weights(path):
+        return {k: v.detach().clone() for k, v in ModelAdapter.load(path).model.named_parameters()}
+
+    name = "model.multi_modal_projector.linear_1.weight"
+    before = weights(tiny_path)
+    mask = torch.zeros_like(before[name])
+    mask[::2] = 1.0
+    torch.save({name: mask}, tmp_path / "masks.pt")
+    cfg = dataclasses.replace(SMALL_TRAIN, workers=1, max_steps=8, trainable="visual", lr=1e-2)
+    _train(small_data, tiny_path, tmp_path / "masked", cfg=cfg, name="masked", masks_path=str(tmp_path / "masks.pt"))
+    after = weights(tmp_path / "masked")
+    for key, value in before.items():
+        if key.startswith(("model.language_model.", "lm_head.")):
+            assert torch.equal(after[key], value), f"frozen {key} changed"
+    assert torch.equal(after[name][1::2], before[name][1::2]), "masked entries changed"
+    assert not torch.equal(after[name][::2], before[name][::2]), "unmasked entries did not train"
