@@ -38,10 +38,10 @@ def test_parameter_groups_partition_the_model(tiny):
 
 def test_image_features_are_the_tokens_the_llm_sees(tiny, small_data):
     from vkd.data.items import eval_items
-    from vkd.eval import _images
+    from vkd.eval import item_images
 
     items = [it for it in eval_items(small_data, "forget_15") if it["image"] is not None][:3]
-    ids, extra = tiny.prompt_inputs([it["question"] for it in items], _images(items))
+    ids, extra = tiny.prompt_inputs([it["question"] for it in items], item_images(items))
     feats = tiny.image_features(extra["pixel_values"])
     n_tokens = (SMALL["image_size"] // SMALL_MODEL.patch_size) ** 2
     assert feats.shape == (3, n_tokens, SMALL_MODEL.text_hidden)

@@ -72,7 +72,8 @@ def cloze_correct(prediction: str, truth: str) -> float:
     return float(bool(ref) and pred[:len(ref)] == ref)
 
 
-def _images(items: Sequence[dict]) -> list[Any] | None:
+def item_images(items: Sequence[dict]) -> list[Any] | None:
+    """Decoded images of a group of items (all with an image, or None when they have none)."""
     if items[0]["image"] is None:
         return None
     return [decode_image(it["image"], it["source"]) for it in items]
@@ -117,7 +118,7 @@ def option_scores(adapter: ModelAdapter, items: Sequence[dict], ref_cache: dict 
     kind of prompt, so neither a model that favours short or frequent strings nor a random
     one scores above chance by them; what is left is what the entity's picture or name adds.
     The content-free scores repeat across entities; ``ref_cache`` keeps them for one model."""
-    images = _images(items)
+    images = item_images(items)
     prompt_ids, extra = adapter.prompt_inputs([it["question"] for it in items], images)
     n_opt = len(items[0]["options"])
     options = [opt for it in items for opt in it["options"]]
@@ -137,7 +138,7 @@ def option_scores(adapter: ModelAdapter, items: Sequence[dict], ref_cache: dict 
 
 @torch.no_grad()
 def generate(adapter: ModelAdapter, items: Sequence[dict], max_new_tokens: int) -> list[str]:
-    prompt_ids, extra = adapter.prompt_inputs([it["question"] for it in items], _images(items))
+    prompt_ids, extra = adapter.prompt_inputs([it["question"] for it in items], item_images(items))
     batch = adapter.batch(prompt_ids, left_pad=True)
     batch.pop("labels")
     tok = adapter.tokenizer
