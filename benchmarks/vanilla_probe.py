@@ -1,0 +1,76 @@
+"""How fast the tiny model learns the demo benchmark: a bare in-process training loop (no Ray,
+no DeepSpeed) for a fixed number of steps, then the multiple-choice metrics on a sample.
+A quick probe for choosing model sizes and training settings before a full `vkd vanilla`.
+
+    .venv/bin/python benchmarks/vanilla_probe.py --data DATA [--steps 1500] [--lr 2e-3]
+        [--batch 32] [--attributes-only] [key=value ...]
+
+``--attributes-only`` trains image rows on their attribute questions alone (no description
+or cloze pairs); ``key=value`` overrides the config (e.g. model.patch_size=12).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+
+import torch
+
+from vkd.config import load_config
+from vkd.data.items import eval_items, expand_train_row
+from vkd.data.layout import TRAIN_SPLIT, read_rows
+from vkd.eval import aggregate, evaluate_items
+from vkd.model import ModelAdapter, resolve_model
+from vkd.train import Tokenize, model_inputs, set_trainable
+
+EXTRA_PREFIXES = ("Fill in the blank", "Describe the person")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--attributes-only", action="store_true")
+    ap.add_argument("--sample", type=int, default=6, help="questions per row and key in the evaluation")
+    args, overrides = ap.parse_known_args()
+    cfg = load_config(args.config, overrides)
+    torch.manual_seed(cfg.train.seed)
+    torch.set_num_threads(2)
+    adapter = ModelAdapter.load(resolve_model("tiny", cfg.model, args.data, cache=tempfile.mkdtemp()))
+    items = []
+    for row in read_rows(args.data, TRAIN_SPLIT):
+        pairs = expand_train_row(row)
+        if args.attributes_only and row["image"] is not None:
+            pairs = [p for p in pairs if not p["question"].startswith(EXTRA_PREFIXES)]
+        items += pairs
+    tokenize = Tokenize(adapter, cfg.train.max_length)
+    params = set_trainable(adapter, "all")
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.train.warmup_steps) * max(0.0, 1 - s / args.steps))
+    rng = random.Random(cfg.train.seed)
+    adapter.model.train()
+    start = time.perf_counter()
+    for step in range(args.steps):
+        batch = {k: torch.from_numpy(v) for k, v in tokenize(rng.sample(items, args.batch)).items()}
+        loss = adapter.model(**model_inputs(batch)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if step % 200 == 0 or step == args.steps - 1:
+            print(f"step {step:5d}  loss {loss.item():.3f}  {time.perf_counter() - start:6.0f} s", flush=True)
+    adapter.model.eval()
+    sample = eval_items(args.data, "forget_10", limit=args.sample, generation=False)
+    metrics = aggregate(evaluate_items(adapter, sample, 64))
+    print(f"{len(items)} training pairs, {args.steps} steps of {args.batch} in {time.perf_counter() - start:.0f} s")
+    print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+
+
+if __name__ == "__main__":
+    main()
