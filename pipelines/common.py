@@ -24,8 +24,9 @@ for _k, _v in RAY_ENV.items():
 from vkd.config import Config, ConfigError, load_config  # noqa: E402
 from vkd.data.layout import BenchmarkError  # noqa: E402
 from vkd.model import ModelError  # noqa: E402
+from vkd.registry import UnknownName  # noqa: E402
 
-USER_ERRORS = (ConfigError, BenchmarkError, ModelError, FileExistsError, KeyError)
+USER_ERRORS = (ConfigError, BenchmarkError, ModelError, FileExistsError, UnknownName)
 
 
 def parser(stage: str, description: str) -> argparse.ArgumentParser:
@@ -77,7 +78,6 @@ def run_main(fn: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | No
     try:
         fn(argv)
     except USER_ERRORS as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

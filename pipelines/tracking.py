@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from vkd.config import Config, TrackingConfig
+from vkd.config import Config, TrackingConfig, flatten
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -44,16 +44,6 @@ def git_sha() -> str:
         return "unknown"
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
 @contextmanager
 def stage_run(cfg: Config, stage: str, tags: dict[str, str], run_name: str | None = None) -> Iterator[Any]:
     """An MLflow run holding the resolved config as params and the standard tags."""
@@ -62,7 +52,7 @@ def stage_run(cfg: Config, stage: str, tags: dict[str, str], run_name: str | Non
     exp = experiment_id(cfg.mlflow)
     all_tags = {"stage": stage, "config_hash": cfg.hash(), "git_sha": git_sha(), **tags}
     with mlflow.start_run(experiment_id=exp, run_name=run_name or stage, tags=all_tags) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(cfg.to_dict()).items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.to_dict()).items()})
         yield run
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from vkd.config import TrainConfig
 
+
 @dataclass
 class TrainJob:
     model_path: str
@@ -52,7 +53,7 @@ class TokenizeBatch:
         return self.tokenize(items)
 
 
-def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, split_rows=None):
+def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig):
     """Ray dataset of tokenised train items: parquet shards -> items -> arrays, streamed."""
     import ray
 
@@ -65,7 +66,7 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, split_row
         return [{k: it[k] for k in ("image", "question", "answer", "source")} for it in expand_train_row(row)]
 
     ds = ray.data.read_parquet([str(p) for p in shard_paths(data, TRAIN_SPLIT)], include_paths=True)
-    ds = ds.flat_map(expand if split_rows is None else split_rows)
+    ds = ds.flat_map(expand)
     return ds.map_batches(TokenizeBatch, fn_constructor_kwargs={"model_path": model_path, "max_length": cfg.max_length},
                           batch_size=64, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
                           num_cpus=0.5)

@@ -52,7 +52,6 @@ class ModelConfig:
     text_intermediate: int = 512
     projector_act: str = "gelu"
     max_positions: int = 512
-    dtype: str = "float32"           # float32 | bfloat16 | float16 when loading a checkpoint
 
 
 @dataclass
@@ -213,8 +212,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {p} is not valid YAML: {err}") from err
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections")
-    for dotted, value in _flatten(extra or {}):
-        _set_path(tree, dotted, value)
+    for dotted, value in flatten(extra or {}).items():
+        if value is not None:
+            _set_path(tree, dotted, value)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
@@ -223,12 +223,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return _build(Config, tree, "")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    items = []
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> {"section.field": value}."""
+    flat: dict[str, Any] = {}
     for k, v in tree.items():
-        key = f"{prefix}{k}"
         if isinstance(v, dict):
-            items += _flatten(v, key + ".")
-        elif v is not None:
-            items.append((key, v))
-    return items
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat

@@ -6,6 +6,13 @@ from typing import Callable, Generic, TypeVar
 T = TypeVar("T")
 
 
+class UnknownName(KeyError):
+    """A name that is not registered; the message lists the registered ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
@@ -21,7 +28,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._items))}")
+            raise UnknownName(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._items))}")
         return self._items[name]
 
     def names(self) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vkd.data.layout import BenchmarkError, BenchmarkMeta, write_meta
-from vkd.registry import Registry
+from vkd.registry import Registry, UnknownName
 
 # A preparer writes every split of its benchmark into ``out`` (an empty folder) and returns
 # the metadata; ``src`` is the published dataset folder for ingest adapters.
@@ -26,8 +26,8 @@ def prepare_benchmark(kind: str, out: str | Path, *, src: str | Path | None = No
 
     try:
         preparer = BENCHMARKS.get(kind)
-    except KeyError as err:
-        raise BenchmarkError(str(err.args[0])) from None
+    except UnknownName as err:
+        raise BenchmarkError(str(err)) from None
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BenchmarkError(f"output {out} exists and is not a folder; choose another --out")
