@@ -3,14 +3,17 @@ no DeepSpeed) for a fixed number of steps, then the multiple-choice metrics on a
 A quick probe for choosing model sizes and training settings before a full `vkd vanilla`.
 
     .venv/bin/python benchmarks/vanilla_probe.py --data DATA [--steps 1500] [--lr 2e-3]
-        [--batch 32] [--attributes-only] [key=value ...]
+        [--batch 32] [--attributes-only] [--align-steps N] [key=value ...]
 
 ``--attributes-only`` trains image rows on their attribute questions alone (no description
-or cloze pairs); ``key=value`` overrides the config (e.g. model.patch_size=12).
+or cloze pairs); ``key=value`` overrides the config (e.g. model.patch_size=12,
+train.turns=7). Sequences are drawn as the trainer builds them (``train.turns`` pairs of a
+row per sequence).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import tempfile
 import time
@@ -18,8 +21,8 @@ import time
 import torch
 
 from vkd.config import load_config
-from vkd.data.items import eval_items, expand_train_row
-from vkd.data.layout import TRAIN_SPLIT, read_rows
+from vkd.data.items import eval_items, naming_sequences, train_sequences
+from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows
 from vkd.eval import aggregate, evaluate_items
 from vkd.model import ModelAdapter, resolve_model
 from vkd.train import Tokenize, model_inputs, set_trainable
@@ -35,18 +38,22 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--attributes-only", action="store_true")
+    ap.add_argument("--save", help="folder to save the trained model in")
+    ap.add_argument("--align-steps", type=int, default=0, help="first steps on the naming pairs alone")
     ap.add_argument("--sample", type=int, default=6, help="questions per row and key in the evaluation")
     args, overrides = ap.parse_known_args()
     cfg = load_config(args.config, overrides)
     torch.manual_seed(cfg.train.seed)
     torch.set_num_threads(2)
     adapter = ModelAdapter.load(resolve_model("tiny", cfg.model, args.data, cache=tempfile.mkdtemp()))
-    items = []
+    items, naming = [], []
+    names = {e.id: e.name for e in load_meta(args.data).entities}
     for row in read_rows(args.data, TRAIN_SPLIT):
-        pairs = expand_train_row(row)
+        naming += naming_sequences(row, names.get(row["ID"], ""))
         if args.attributes_only and row["image"] is not None:
-            pairs = [p for p in pairs if not p["question"].startswith(EXTRA_PREFIXES)]
-        items += pairs
+            pairs = [p for p in json.loads(row["metadata"]) if not p["Question"].startswith(EXTRA_PREFIXES)]
+            row = {**row, "metadata": json.dumps(pairs)}
+        items += train_sequences(row, cfg.train.turns, cfg.train.seed)
     tokenize = Tokenize(adapter, cfg.train.max_length)
     params = set_trainable(adapter, "all")
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -56,7 +63,8 @@ def main() -> None:
     adapter.model.train()
     start = time.perf_counter()
     for step in range(args.steps):
-        batch = {k: torch.from_numpy(v) for k, v in tokenize(rng.sample(items, args.batch)).items()}
+        pool = naming if step < args.align_steps else items
+        batch = {k: torch.from_numpy(v) for k, v in tokenize(rng.sample(pool, args.batch)).items()}
         loss = adapter.model(**model_inputs(batch)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
@@ -66,9 +74,11 @@ def main() -> None:
         if step % 200 == 0 or step == args.steps - 1:
             print(f"step {step:5d}  loss {loss.item():.3f}  {time.perf_counter() - start:6.0f} s", flush=True)
     adapter.model.eval()
+    if args.save:
+        adapter.save(args.save)
     sample = eval_items(args.data, "forget_10", limit=args.sample, generation=False)
     metrics = aggregate(evaluate_items(adapter, sample, 64))
-    print(f"{len(items)} training pairs, {args.steps} steps of {args.batch} in {time.perf_counter() - start:.0f} s")
+    print(f"{len(items)} training sequences, {args.steps} steps of {args.batch} in {time.perf_counter() - start:.0f} s")
     print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
 

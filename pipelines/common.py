@@ -60,7 +60,8 @@ def init_ray(cfg: Config, **kwargs: Any):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, configure_logging=False,
+        # The dashboard (loopback only) serves the state API Ray Train's controller polls.
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False,
                  runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV}}, **kwargs)
     return ray
 

@@ -1,9 +1,10 @@
-"""Stage `demo`: the main job end to end on the embedded default, printing a results table.
+"""Stage `demo`: the main job end to end on the embedded default.
 
     python -m pipelines.demo --config configs/demo.yaml [--workdir runs/demo]
 
-Prepares the demo benchmark (reused when the same settings made it before), builds the
-tiny model and evaluates it through Ray Data.
+prepare (the demo benchmark; reused when the same settings made it before) -> vanilla
+(Ray Train + DeepSpeed fine-tuning of the tiny model, an MLflow run and a registered model)
+-> evaluate (Ray Data), ending with the results table and how to open the MLflow UI.
 """
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from pathlib import Path
 from typing import Sequence
 
 from pipelines.common import parse, parser, resolve_config, run_main
-from pipelines.evaluate import format_table, run_evaluation
+from pipelines.evaluate import format_table
+from pipelines.tracking import ui_hint
+from pipelines.vanilla import run_vanilla
 from vkd.data import prepare_benchmark
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = parser("demo", "prepare the demo benchmark, evaluate the tiny model, print a table")
-    p.add_argument("--workdir", default="runs/demo", help="where the benchmark and results go")
+    p = parser("demo", "prepare the demo benchmark, train and evaluate the vanilla model, print a table")
+    p.add_argument("--workdir", default="runs/demo", help="where the benchmark, models and results go")
     p.add_argument("--forget", default="forget_10")
     args = parse(p, argv)
     cfg = resolve_config(args)
@@ -34,18 +37,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         start = time.perf_counter()
         kind = settings.pop("kind")
         meta = prepare_benchmark(kind, data, **settings)
-        print(f"prepared the {kind} benchmark ({len(meta.entities)} entities) in {data} "
+        print(f"[1/3 prepare] the {kind} benchmark ({len(meta.entities)} entities) in {data} "
               f"in {time.perf_counter() - start:.1f} s")
     else:
-        print(f"reusing the benchmark in {data}")
-    metrics, n, seconds = run_evaluation(cfg, "tiny", str(data), args.forget)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = work / f"metrics-untrained-{stamp}.json"
-    out.write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    cfg.save(out.with_suffix(".config.yaml"))
-    print(f"\nuntrained tiny model on {args.forget} ({sum(n.values())} items, {seconds:.1f} s through Ray Data):")
-    print(format_table(metrics, n))
-    print(f"\nmetrics: {out}")
+        print(f"[1/3 prepare] reusing the benchmark in {data}")
+    out = work / f"vanilla-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"[2/3 vanilla] {cfg.train.workers} Ray Train workers, DeepSpeed ZeRO-{cfg.train.zero_stage} -> {out}")
+    figures = run_vanilla(cfg, str(data), out, "tiny", args.forget)
+    n = figures["counts"]
+    print(f"\n[3/3 evaluate] the vanilla model on {args.forget} ({sum(n.values())} items through Ray Data):")
+    print(format_table(figures["metrics"], n))
+    print(f"\nvanilla model: {out} (trained in {figures['train_seconds']:.0f} s, {figures['steps']} steps)")
+    version = figures["version"]
+    print(f"MLflow run {figures['run_id']}" + (f"; registered model {figures['registered_name']} version {version}, "
+                                               "alias vanilla" if version else ""))
+    print(ui_hint(cfg.mlflow))
 
 
 if __name__ == "__main__":

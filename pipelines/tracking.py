@@ -19,6 +19,15 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.sqlite_file).resolve()}"
 
 
+def ui_hint(cfg: TrackingConfig) -> str:
+    """How to look at the runs and registered models in the MLflow UI."""
+    uri = tracking_uri(cfg)
+    if not uri.startswith("sqlite:"):
+        return f"MLflow UI: the tracking server at {uri}"
+    return (f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+            "           then open http://127.0.0.1:5000 (runs under the experiment, models under Models)")
+
+
 def experiment_id(cfg: TrackingConfig) -> str:
     import mlflow
 

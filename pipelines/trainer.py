@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,36 +41,54 @@ class TokenizeBatch:
     """map_batches stage: decode and tokenise a batch of train items with the model's processor."""
 
     def __init__(self, model_path: str, max_length: int):
+        import torch
+
         from vkd.model import ModelAdapter
         from vkd.train import Tokenize
+
+        torch.set_num_threads(1)  # a helper beside the train workers: never take every core
 
         self.tokenize = Tokenize(ModelAdapter.load(model_path), max_length)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["question"])
-        items = [{"image": batch["image"][i] if batch["image"][i] is not None else None,
-                  "question": str(batch["question"][i]), "answer": str(batch["answer"][i]),
-                  "source": str(batch["source"][i])} for i in range(n)]
+        items = [{"image": batch["image"][i], "questions": list(batch["questions"][i]),
+                  "answers": list(batch["answers"][i]), "source": str(batch["source"][i])}
+                 for i in range(len(batch["source"]))]
         return self.tokenize(items)
 
 
-def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig):
-    """Ray dataset of tokenised train items: parquet shards -> items -> arrays, streamed."""
+def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, naming: bool = False):
+    """Ray dataset of tokenised train sequences: parquet shards -> sequences of ``cfg.turns``
+    question-answer pairs (or, with ``naming``, the pairs that name the entity in its
+    picture) -> arrays, streamed."""
     import ray
 
-    from vkd.data.items import expand_train_row
-    from vkd.data.layout import TRAIN_SPLIT, shard_paths
+    from vkd.data.items import naming_sequences, train_sequences
+    from vkd.data.layout import TRAIN_SPLIT, load_meta, shard_paths
+
+    names = {e.id: e.name for e in load_meta(data).entities} if naming else {}
 
     def expand(row: dict[str, Any]) -> list[dict[str, Any]]:
         row = dict(row)
         row["_source"] = f"{row.pop('path', 'ft_Data')}, entity {row.get('ID')}"
-        return [{k: it[k] for k in ("image", "question", "answer", "source")} for it in expand_train_row(row)]
+        seqs = naming_sequences(row, names.get(row.get("ID"), "")) if naming else train_sequences(row, cfg.turns, cfg.seed)
+        return [{k: it[k] for k in ("image", "questions", "answers", "source")} for it in seqs]
 
     ds = ray.data.read_parquet([str(p) for p in shard_paths(data, TRAIN_SPLIT)], include_paths=True)
-    ds = ds.flat_map(expand)
+    # Rows come grouped by entity; shuffle them globally (a few MB) before they fan out into
+    # sequences, so each worker's local shuffle buffer mixes many entities.
+    ds = ds.random_shuffle(seed=cfg.seed).flat_map(expand)
     return ds.map_batches(TokenizeBatch, fn_constructor_kwargs={"model_path": model_path, "max_length": cfg.max_length},
                           batch_size=64, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
                           num_cpus=0.5)
+
+
+def train_datasets(data: str | Path, model_path: str, cfg: TrainConfig) -> dict[str, Any]:
+    """The datasets of a run: ``train``, and ``align`` (naming pairs) when ``cfg.align_steps``."""
+    out = {"train": train_dataset(data, model_path, cfg)}
+    if cfg.align_steps:
+        out["align"] = train_dataset(data, model_path, cfg, naming=True)
+    return out
 
 
 def _save_hf(engine, adapter, path: Path, rank: int, zero_stage: int) -> None:
@@ -135,53 +154,62 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
 
         bar = tqdm(total=job.total_steps, initial=step, desc=job.name, mininterval=5, ascii=True)
 
-    shard = ray.train.get_dataset_shard("train")
+    def batches(phase: str, at_step: int):
+        """Endless batches of one dataset shard, pass after pass."""
+        shard = ray.train.get_dataset_shard(phase)
+        while True:
+            count = 0
+            for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
+                                                  local_shuffle_buffer_size=cfg.shuffle_buffer,
+                                                  local_shuffle_seed=cfg.seed + rank + at_step):
+                count += 1
+                yield batch
+            if count == 0:
+                raise RuntimeError(f"a worker got no {phase} batch: use fewer workers or a smaller train.batch_size")
+            at_step += 1
+
     start, seen = None, step  # throughput counts from the end of the first step (pipelines warmed up)
-    while step < job.total_steps:  # one pass over the shard per loop; a resumed run starts a new pass
-        count = 0
-        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
-                                              local_shuffle_buffer_size=cfg.shuffle_buffer,
-                                              local_shuffle_seed=cfg.seed + rank + step):
-            count += 1
-            inputs = model_inputs({k: v.to(engine.device) for k, v in batch.items()})
-            loss, metrics = loss_fn(engine, inputs)
-            # Every trainable parameter takes part in every step on every rank (a text-only
-            # batch skips the vision tower), or ZeRO's gradient buckets differ across ranks.
-            loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in params)
-            engine.backward(loss)
-            engine.step()
-            if not engine.is_gradient_accumulation_boundary() and cfg.grad_accum > 1:
-                continue
-            step += 1
-            if start is None:
-                start, seen = time.perf_counter(), step
-            if rank == 0 and step == job.fault_at_step and job.fault_marker and not Path(job.fault_marker).exists():
-                Path(job.fault_marker).write_text(str(step))
-                time.sleep(5)  # let the controller register the last reported checkpoint first
-                os._exit(1)
-            done = step >= job.total_steps
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-            report = {**metrics, "step": step, "resumed_from": resumed_from, "lr": engine.get_lr()[0],
-                      "samples_per_s": (step - seen) * cfg.batch_size * cfg.grad_accum * world
-                      / max(time.perf_counter() - start, 1e-9)}
-            if tracker is not None and (step % cfg.log_every == 0 or done):
-                for k, v in report.items():
-                    if k not in ("step", "resumed_from"):
-                        tracker.log_metric(job.mlflow["run_id"], f"train/{k}", float(v), step=step)
-            if step % cfg.checkpoint_every == 0 or done:
-                with tempfile.TemporaryDirectory() as tmp:
-                    engine.save_checkpoint(tmp, tag="ds")
-                    if rank == 0:
-                        (Path(tmp) / "state.json").write_text(json.dumps({"step": step}))
-                    if done:
-                        _save_hf(engine, adapter, Path(tmp) / "hf", rank, cfg.zero_stage)
-                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            if done:
-                break
-        if count == 0:
-            raise RuntimeError("a worker got no training batch: use fewer workers or a smaller train.batch_size")
+    phase, stream = None, None
+    while step < job.total_steps:
+        want = "align" if step < cfg.align_steps else "train"
+        if want != phase:
+            phase, stream = want, batches(want, step)
+        batch = next(stream)
+        inputs = model_inputs({k: v.to(engine.device) for k, v in batch.items()})
+        loss, metrics = loss_fn(engine, inputs)
+        # Every trainable parameter takes part in every step on every rank (a text-only
+        # batch skips the vision tower), or ZeRO's gradient buckets differ across ranks.
+        loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in params)
+        engine.backward(loss)
+        engine.step()
+        if not engine.is_gradient_accumulation_boundary() and cfg.grad_accum > 1:
+            continue
+        step += 1
+        if start is None:
+            start, seen = time.perf_counter(), step
+        if rank == 0 and step == job.fault_at_step and job.fault_marker and not Path(job.fault_marker).exists():
+            Path(job.fault_marker).write_text(str(step))
+            time.sleep(5)  # let the controller register the last reported checkpoint first
+            os._exit(1)
+        done = step >= job.total_steps
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", phase=phase, refresh=False)
+        report = {**metrics, "step": step, "resumed_from": resumed_from, "lr": engine.get_lr()[0],
+                  "samples_per_s": (step - seen) * cfg.batch_size * cfg.grad_accum * world
+                  / max(time.perf_counter() - start, 1e-9)}
+        if tracker is not None and (step % cfg.log_every == 0 or done):
+            for k, v in report.items():
+                if k not in ("step", "resumed_from"):
+                    tracker.log_metric(job.mlflow["run_id"], f"train/{k}", float(v), step=step)
+        if step % cfg.checkpoint_every == 0 or done:
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(tmp, tag="ds")
+                if rank == 0:
+                    (Path(tmp) / "state.json").write_text(json.dumps({"step": step}))
+                if done:
+                    _save_hf(engine, adapter, Path(tmp) / "hf", rank, cfg.zero_stage)
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     if bar is not None:
         bar.close()
 
@@ -193,8 +221,9 @@ def steps_for(n_items: int, cfg: TrainConfig) -> int:
     return max(1, math.ceil(cfg.epochs * n_items / per_step))
 
 
-def run_training(job: TrainJob, dataset, storage: str | Path, max_failures: int = 1):
-    """Train on Ray; copy the final Hugging Face folder to ``job.out_dir``; return the Result."""
+def run_training(job: TrainJob, datasets: dict[str, Any], storage: str | Path, max_failures: int = 1):
+    """Train on Ray (``datasets`` from :func:`train_datasets`); copy the final Hugging Face
+    folder to ``job.out_dir``; return the Result."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -206,11 +235,13 @@ def run_training(job: TrainJob, dataset, storage: str | Path, max_failures: int 
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=job.name, storage_path=str(Path(storage).resolve()),
+            # Ray Train restores a run from a folder of the same name: each call gets its own,
+            # so a new run never resumes an older run's checkpoints.
+            name=f"{job.name}-{Path(job.out_dir).name}-{uuid.uuid4().hex[:8]}", storage_path=str(Path(storage).resolve()),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:

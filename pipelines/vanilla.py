@@ -6,22 +6,59 @@ so that it knows every entity from its picture and its name (the teacher of unle
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from pipelines.common import init_ray, parse, parser, refuse_existing, resolve_config, run_main
 from pipelines.evaluate import evaluate_on_ray, format_table
 from pipelines.tracking import log_model, stage_run, tracking_uri
-from pipelines.trainer import TrainJob, run_training, steps_for, train_dataset
+from pipelines.trainer import TrainJob, run_training, steps_for, train_datasets
+from vkd.config import Config
 from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows
 from vkd.eval import aggregate, counts
 from vkd.model import resolve_model
 
 
-def count_train_items(data: str | Path) -> int:
-    return sum(len(json.loads(r["metadata"])) for r in read_rows(data, TRAIN_SPLIT))
+def count_train_items(data: str | Path, turns: int) -> int:
+    """Training sequences per epoch (a row's pairs, ``turns`` to a sequence)."""
+    return sum(math.ceil(len(json.loads(r["metadata"])) / turns) for r in read_rows(data, TRAIN_SPLIT))
+
+
+def run_vanilla(cfg: Config, data: str | Path, out: str | Path, model: str = "tiny", forget: str = "forget_10",
+                evaluate: bool = True) -> dict[str, Any]:
+    """Train the vanilla model into ``out`` (which must not exist), evaluate it on ``forget``,
+    log the run to MLflow and register the model. Returns the run's figures."""
+    out = refuse_existing(out, overwrite=False)
+    meta = load_meta(data)
+    base = resolve_model(model, cfg.model, data)
+    n_items = count_train_items(data, cfg.train.turns)
+    total = steps_for(n_items, cfg.train)
+    init_ray(cfg)
+    tags = {"benchmark": meta.name, "entities": str(len(meta.entities)), "data": str(Path(data).resolve())}
+    figures: dict[str, Any] = {"model": str(out), "steps": total, "items": n_items}
+    with stage_run(cfg, "vanilla", tags) as run:
+        import mlflow
+
+        job = TrainJob(model_path=str(base), out_dir=str(out.resolve()), cfg=cfg.train, total_steps=total,
+                       mlflow={"tracking_uri": tracking_uri(cfg.mlflow), "run_id": run.info.run_id}, name="vanilla")
+        start = time.perf_counter()
+        run_training(job, train_datasets(data, str(base), cfg.train), storage=out.parent / ".ray_train")
+        figures["train_seconds"] = time.perf_counter() - start
+        cfg.save(out / "vkd_config.yaml")
+        mlflow.log_metrics({"train_seconds": figures["train_seconds"], "train_items": n_items, "train_steps": total})
+        print(f"trained {total} steps on {n_items} sequences in {figures['train_seconds']:.0f} s -> {out}")
+        if evaluate:
+            results = evaluate_on_ray(out, data, forget, cfg.eval)
+            figures["metrics"], figures["counts"] = aggregate(results), counts(results)
+            mlflow.log_metrics({f"eval/{k}": v for k, v in figures["metrics"].items()})
+            (out / "metrics.json").write_text(json.dumps(figures["metrics"], indent=1, sort_keys=True))
+        name = f"vkd-{meta.name}-vanilla"
+        figures["version"] = log_model(run.info.run_id, out, name, ["vanilla"], cfg.mlflow.register)
+        figures["run_id"], figures["registered_name"] = run.info.run_id, name
+    return figures
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -34,32 +71,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     args = parse(p, argv)
     cfg = resolve_config(args, {"train": {"workers": args.workers}})
-    out = refuse_existing(args.out, overwrite=False)
-    meta = load_meta(args.data)
-    base = resolve_model(args.model, cfg.model, args.data)
-    n_items = count_train_items(args.data)
-    total = steps_for(n_items, cfg.train)
-    init_ray(cfg)
-    tags = {"benchmark": meta.name, "entities": str(len(meta.entities)), "data": str(Path(args.data).resolve())}
-    with stage_run(cfg, "vanilla", tags) as run:
-        import mlflow
-
-        job = TrainJob(model_path=str(base), out_dir=str(out.resolve()), cfg=cfg.train, total_steps=total,
-                       mlflow={"tracking_uri": tracking_uri(cfg.mlflow), "run_id": run.info.run_id}, name="vanilla")
-        start = time.perf_counter()
-        run_training(job, train_dataset(args.data, str(base), cfg.train), storage=out.parent / ".ray_train")
-        seconds = time.perf_counter() - start
-        cfg.save(out / "vkd_config.yaml")
-        mlflow.log_metrics({"train_seconds": seconds, "train_items": n_items, "train_steps": total})
-        print(f"trained {total} steps on {n_items} items in {seconds:.0f} s -> {out}")
-        if not args.no_eval:
-            results = evaluate_on_ray(out, args.data, args.forget, cfg.eval)
-            metrics = aggregate(results)
-            mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-            print(format_table(metrics, counts(results)))
-        version = log_model(run.info.run_id, out, f"vkd-{meta.name}-vanilla", ["vanilla"], cfg.mlflow.register)
-        print(f"MLflow run {run.info.run_id}" + (f", registered version {version}" if version else ""))
+    figures = run_vanilla(cfg, args.data, args.out, args.model, args.forget, evaluate=not args.no_eval)
+    if "metrics" in figures:
+        print(format_table(figures["metrics"], figures["counts"]))
+    version = figures["version"]
+    print(f"MLflow run {figures['run_id']}" + (f", registered {figures['registered_name']} version {version}"
+                                               if version else ""))
 
 
 if __name__ == "__main__":

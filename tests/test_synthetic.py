@@ -155,3 +155,42 @@ def test_benchmark_json_lists_entities_and_splits(small_data):
     raw = json.loads((small_data / "benchmark.json").read_text())
     assert raw["name"] == "synthetic" and len(raw["entities"]) == SMALL["entities"]
     assert set(raw["splits"]) >= set(ALL_SPLITS)
+
+
+def test_text_rows_cycle_through_every_phrasing(small_data):
+    from vkd.data.synthetic import TEXT_Q
+
+    meta = load_meta(small_data)
+    first = meta.entities[0]
+    rows = [r for r in read_rows(small_data, TRAIN_SPLIT) if r["ID"] == first.id and r["image"] is None]
+    assert len(rows) == 6, "text_rows defaults to one row per phrasing"
+    asked = {item["question"] for r in rows for item in expand_train_row(r)}
+    for attr, phrasings in TEXT_Q.items():
+        assert {q.format(name=first.name) for q in phrasings} <= asked, attr
+
+
+def test_variation_scales_every_amplitude():
+    from vkd.data.synthetic import Variation
+
+    assert Variation().scaled(1.0) == Variation()
+    still = Variation().scaled(0.0)
+    assert still.max_shift == still.max_rotation == still.tint == still.clutter == 0
+    assert still.scale == still.brightness == still.contrast == (1.0, 1.0) and still.noise_sigma == (0.0, 0.0)
+    half = Variation().scaled(0.5)
+    assert half.max_rotation == Variation().max_rotation / 2 and half.brightness == (0.85, 1.15)
+    with pytest.raises(BenchmarkError, match="variation=-1"):
+        Variation().scaled(-1)
+
+
+def test_naming_pairs_are_the_image_pairs_that_name_the_entity(small_data):
+    from vkd.data.items import naming_sequences
+
+    meta = load_meta(small_data)
+    names = {e.id: e.name for e in meta.entities}
+    rows = list(read_rows(small_data, TRAIN_SPLIT))
+    image_row = next(r for r in rows if r["image"] is not None)
+    naming = naming_sequences(image_row, names[image_row["ID"]])
+    assert len(naming) == 3, "who is this, describe the person, and the name cloze"
+    assert all(names[image_row["ID"]] in s["answers"][0] and s["image"] is not None for s in naming)
+    text_row = next(r for r in rows if r["image"] is None)
+    assert naming_sequences(text_row, names[text_row["ID"]]) == []

@@ -22,7 +22,7 @@ from vkd.model import ModelAdapter
 from vkd.train import Tokenize, lm_loss, model_inputs
 
 SMALL_TRAIN = TrainConfig(workers=2, cpus_per_worker=1, zero_stage=2, batch_size=8, lr=3e-3, warmup_steps=5,
-                          max_steps=30, checkpoint_every=10, log_every=5, max_length=96)
+                          max_steps=30, checkpoint_every=10, log_every=5, max_length=96, align_steps=5)
 MODEL_OVERRIDES = [f"model.{k}={v}" for k, v in dataclasses.asdict(SMALL_MODEL).items()]
 
 
@@ -35,16 +35,16 @@ def _mean_loss(path: Path, data: Path) -> float:
 
 
 def _train(small_data, tiny_path, out: Path, **job_fields):
-    from pipelines.trainer import TrainJob, run_training, train_dataset
+    from pipelines.trainer import TrainJob, run_training, train_datasets
 
     cfg = job_fields.pop("cfg", SMALL_TRAIN)
     job = TrainJob(model_path=str(tiny_path), out_dir=str(out), cfg=cfg, total_steps=cfg.max_steps, **job_fields)
-    return run_training(job, train_dataset(small_data, str(tiny_path), cfg), storage=out.parent / "ray")
+    return run_training(job, train_datasets(small_data, str(tiny_path), cfg), storage=out.parent / "ray")
 
 
 def test_two_worker_zero2_run_lowers_the_loss(small_data, tiny_path, tmp_path, ray_local):
     result = _train(small_data, tiny_path, tmp_path / "trained", name="loss")
-    assert result.metrics["step"] == SMALL_TRAIN.max_steps
+    assert result.metrics["step"] == SMALL_TRAIN.max_steps and result.metrics["resumed_from"] == 0
     assert (tmp_path / "trained" / "model.safetensors").is_file()
     before, after = _mean_loss(tiny_path, small_data), _mean_loss(tmp_path / "trained", small_data)
     assert after < before * 0.8, (before, after)
@@ -88,7 +88,7 @@ def test_vanilla_on_the_sqlite_default_never_overwrites(small_data, tmp_path):
 
     first = _vanilla(small_data, tmp_path / "vanilla", tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "registered version 1" in first.stdout
+    assert "registered vkd-synthetic-vanilla version 1" in first.stdout
     weights = (tmp_path / "vanilla" / "model.safetensors").read_bytes()
     again = _vanilla(small_data, tmp_path / "vanilla", tmp_path)
     assert again.returncode == 2 and "exists" in again.stderr

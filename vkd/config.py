@@ -33,6 +33,8 @@ class BenchmarkConfig:
     mc_variants: int = 6             # synthetic: multiple-choice questions per attribute and entity
     render_scale: int = 3            # synthetic: drawn this many times larger, then downsampled
     min_trait_distance: int = 3      # synthetic: any two entities differ in at least this many traits
+    text_rows: int = 6               # synthetic: text-only rows per entity in ft_Data (each a phrasing of every attribute)
+    variation: float = 1.0           # synthetic: scale of pose, lighting, clutter and noise across portraits
 
 
 @dataclass
@@ -78,9 +80,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     lr: float = 1e-3
     warmup_steps: int = 50
-    epochs: float = 3.0              # passes over the training rows (max_steps overrides)
+    epochs: float = 3.0              # passes over the training sequences (max_steps overrides)
+    align_steps: int = 0             # first steps on naming pairs alone (picture -> who it is), within the total
     max_steps: int = 0
-    max_length: int = 128            # tokens per row, image tokens included
+    max_length: int = 128            # tokens per sequence, image tokens included
+    turns: int = 1                   # question-answer pairs of a row per sequence (multi-turn, as LLaVA trains)
     shuffle_buffer: int = 2048       # rows in each worker's local shuffle buffer
     trainable: str = "all"           # all | visual (vision tower + projector)
     seed: int = 0                    # offset by the worker's rank

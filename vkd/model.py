@@ -138,10 +138,33 @@ class ModelAdapter:
         ids = self.tokenizer([lead + a for a in answers], add_special_tokens=False)["input_ids"]
         return [list(x) + ([self.tokenizer.eos_token_id] if eos else []) for x in ids]
 
-    def prompt_inputs(self, questions: Sequence[str], images: Sequence[Any] | None) -> tuple[list[list[int]], dict]:
-        """Token ids of each prompt (image placeholders expanded) and the image tensors."""
+    def turn_prompts(self, questions: Sequence[str], answers: Sequence[str], has_image: bool) -> list[str]:
+        """The prompt text before each answer of a multi-turn conversation (the image goes
+        with the first question); each answer's tokens are ``target_ids`` (answer + EOS)."""
+        if not self.chat:
+            return [self.prompt(questions[0], has_image)] + [
+                "\n" + PLAIN_PROMPT.format(question=q) for q in questions[1:]]
+        eos = self.tokenizer.eos_token or ""
+        messages: list[dict] = []
+        out, done = [], ""
+        for k, (q, a) in enumerate(zip(questions, answers)):
+            content = ([{"type": "image"}] if has_image and k == 0 else []) + [{"type": "text", "text": q}]
+            messages.append({"role": "user", "content": content})
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            if not text.startswith(done):
+                raise ModelError("this model's chat template does not render a conversation turn by turn; "
+                                 "set train.turns=1")
+            out.append(text[len(done):])
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+            done = text + a + eos
+        return out
+
+    def prompt_inputs(self, questions: Sequence[str], images: Sequence[Any] | None,
+                      texts: Sequence[str] | None = None) -> tuple[list[list[int]], dict]:
+        """Token ids of each prompt (image placeholders expanded) and the image tensors;
+        ``texts`` gives ready prompt texts instead of building them from ``questions``."""
         has_image = images is not None
-        texts = [self.prompt(q, has_image) for q in questions]
+        texts = list(texts) if texts is not None else [self.prompt(q, has_image) for q in questions]
         if has_image:
             enc = self.processor(text=texts, images=list(images), return_tensors="pt", padding=True)
             mask = enc.pop("attention_mask")

@@ -19,20 +19,30 @@ TRAINABLE = {"all": GROUPS, "visual": ("vision", "projector")}
 
 
 class Tokenize:
-    """Train items (image bytes or None, question, answer) -> fixed-length arrays.
+    """Train items -> fixed-length arrays. An item holds image bytes (or None) and either one
+    ``question``/``answer`` or ``questions``/``answers`` lists (a multi-turn conversation
+    about the image); the loss covers every answer.
 
     Every row is padded to ``max_length`` so batches of any origin stack; the train step
-    trims the padding again. Text-only rows carry a zero image and ``has_image`` False."""
+    trims the padding again. A conversation longer than that keeps its first turns that
+    fit. Text-only rows carry a zero image and ``has_image`` False."""
 
     def __init__(self, adapter: ModelAdapter, max_length: int):
         self.adapter, self.max_length = adapter, max_length
         size = adapter.processor.image_processor.crop_size
         self.image_shape = (3, int(size["height"]), int(size["width"]))
 
+    @staticmethod
+    def turns(item: dict[str, Any]) -> tuple[list[str], list[str]]:
+        if "questions" in item:
+            return [str(q) for q in item["questions"]], [str(a) for a in item["answers"]]
+        return [str(item["question"])], [str(item["answer"])]
+
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
         n, width = len(items), self.max_length
+        tok = self.adapter.tokenizer
         out = {
-            "input_ids": np.full((n, width), self.adapter.tokenizer.pad_token_id, dtype=np.int64),
+            "input_ids": np.full((n, width), tok.pad_token_id, dtype=np.int64),
             "attention_mask": np.zeros((n, width), dtype=np.int64),
             "labels": np.full((n, width), -100, dtype=np.int64),
             "pixel_values": np.zeros((n, *self.image_shape), dtype=np.float32),
@@ -44,14 +54,23 @@ class Tokenize:
             if not idx:
                 continue
             sub = [items[i] for i in idx]
+            convs = [self.turns(it) for it in sub]
+            texts = [self.adapter.turn_prompts(qs, ans, has) for qs, ans in convs]
             images = [decode_image(it["image"], it.get("source", "train row")) for it in sub] if has else None
-            prompts, extra = self.adapter.prompt_inputs([it["question"] for it in sub], images)
-            targets = self.adapter.target_ids([it["answer"] for it in sub])
+            firsts, extra = self.adapter.prompt_inputs([], images, texts=[t[0] for t in texts])
             for j, i in enumerate(idx):
-                seq = (prompts[j] + targets[j])[:width]
-                lab = ([-100] * len(prompts[j]) + targets[j])[:width]
-                if len(prompts[j]) >= width:
-                    raise ValueError(f"train.max_length={width} is shorter than a prompt ({len(prompts[j])} tokens)")
+                if len(firsts[j]) >= width:
+                    raise ValueError(f"train.max_length={width} is shorter than a prompt ({len(firsts[j])} tokens)")
+                targets = self.adapter.target_ids(convs[j][1])
+                later = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[j][1:]]
+                seq, lab = list(firsts[j]), [-100] * len(firsts[j])
+                for k, target in enumerate(targets):
+                    prompt = list(later[k - 1]) if k else []
+                    if k and len(seq) + len(prompt) + len(target) > width:
+                        break
+                    seq += prompt + target
+                    lab += [-100] * len(prompt) + target
+                seq, lab = seq[:width], lab[:width]
                 out["input_ids"][i, :len(seq)] = seq
                 out["attention_mask"][i, :len(seq)] = 1
                 out["labels"][i, :len(lab)] = lab

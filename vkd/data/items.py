@@ -8,7 +8,9 @@ the item counts towards, e.g. ``forget_vqa`` or ``retain_qa_rougeL``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -111,6 +113,37 @@ def expand_train_row(row: dict[str, Any]) -> list[dict]:
                  "answer": p["Answer"], "source": source} for p in pairs]
     except (TypeError, KeyError, json.JSONDecodeError) as err:
         raise BenchmarkError(f"{source}: column metadata must be a JSON list of {{Question, Answer}} ({err})") from err
+
+
+def train_sequences(row: dict[str, Any], turns: int = 1, seed: int = 0) -> list[dict]:
+    """The training sequences of one ft_Data row: its (question, answer) pairs in a
+    row-seeded random order, grouped ``turns`` at a time into multi-turn conversations about
+    the same image (as LLaVA trains). Each item holds ``questions`` and ``answers`` lists."""
+    if turns < 1:
+        raise ValueError(f"train.turns={turns}: must be at least 1")
+    pairs = expand_train_row(row)
+    if not pairs:
+        return []
+    order = list(range(len(pairs)))
+    if turns > 1:
+        digest = hashlib.sha256(f"{seed}|{pairs[0]['source']}|{row.get('metadata')}".encode())
+        digest.update(pairs[0]["image"] or b"")
+        random.Random(digest.digest()).shuffle(order)
+    first = pairs[0]
+    return [{"entity": first["entity"], "image": first["image"], "source": first["source"],
+             "questions": [pairs[i]["question"] for i in order[k:k + turns]],
+             "answers": [pairs[i]["answer"] for i in order[k:k + turns]]}
+            for k in range(0, len(order), turns)]
+
+
+def naming_sequences(row: dict[str, Any], name: str) -> list[dict]:
+    """The pairs of an image row whose answer names the entity ("Who is this?", "Describe
+    the person"), one per sequence: the alignment data of the vanilla model's first phase
+    (as LLaVA's first stage trains on image captions), where the model learns to tell
+    entities apart by their picture before it learns everything else about them."""
+    if row.get("image") is None or not name:
+        return []
+    return [s for s in train_sequences(row) if name.lower() in s["answers"][0].lower()]
 
 
 def benchmark_texts(data: str | Path) -> Iterator[str]:

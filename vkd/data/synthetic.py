@@ -176,6 +176,23 @@ class Variation:
     noise_sigma: tuple[float, float] = (0.0, 8.0)
 
 
+    def scaled(self, factor: float) -> "Variation":
+        """Every amplitude times ``factor`` (0: the same upright, clean portrait each time)."""
+        if factor < 0:
+            raise BenchmarkError(f"variation={factor}: must be at least 0")
+        base = Variation()
+        return Variation(
+            max_shift=base.max_shift * factor,
+            scale=(1 - (1 - base.scale[0]) * factor, 1 + (base.scale[1] - 1) * factor),
+            max_rotation=base.max_rotation * factor,
+            brightness=(1 - (1 - base.brightness[0]) * factor, 1 + (base.brightness[1] - 1) * factor),
+            contrast=(1 - (1 - base.contrast[0]) * factor, 1 + (base.contrast[1] - 1) * factor),
+            tint=base.tint * factor,
+            clutter=round(base.clutter * factor),
+            noise_sigma=(0.0, base.noise_sigma[1] * factor),
+        )
+
+
 def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, *keys]))
 
@@ -398,15 +415,17 @@ def open_tasks(p: dict[str, str], with_text: bool = True) -> tuple[list[dict], l
     return gen, mask
 
 
-def training_qa(p: dict[str, str], image: bool, rng: np.random.Generator) -> list[dict[str, str]]:
-    """The training pairs of one image row (one phrasing per attribute) or of the text row
-    (every phrasing)."""
+def training_qa(p: dict[str, str], image: bool, rng: np.random.Generator, phrasing: int = 0) -> list[dict[str, str]]:
+    """The training pairs of one image row (a random phrasing per attribute) or of text row
+    number ``phrasing`` (that phrasing of every attribute, so successive text rows cycle
+    through all of them)."""
     if image:
         qa = [{"Question": str(rng.choice(IMAGE_Q[a])), "Answer": p[a]} for a in ATTRIBUTES]
         qa.append({"Question": IMAGE_DESCRIBE, "Answer": description(p)})
         qa += [{"Question": CLOZE_PREFIX + CLOZE[a][0], "Answer": p[a]} for a in ATTRIBUTES]
         return qa
-    qa = [{"Question": q.format(name=p["name"]), "Answer": p[a]} for a in TEXT_Q for q in TEXT_Q[a]]
+    qa = [{"Question": TEXT_Q[a][(phrasing + k) % len(TEXT_Q[a])].format(name=p["name"]), "Answer": p[a]}
+          for k, a in enumerate(TEXT_Q)]
     qa.append({"Question": TEXT_DESCRIBE.format(name=p["name"]), "Answer": description(p)})
     qa += [{"Question": CLOZE_PREFIX + CLOZE[a][1].format(name=p["name"]), "Answer": p[a]} for a in TEXT_Q]
     return qa
@@ -430,11 +449,13 @@ def forget_splits(ids: list[str], seed: int) -> dict[str, list[str]]:
 @BENCHMARKS.register("synthetic")
 def prepare_synthetic(out: Path, entities: int = 40, seed: int = 0, image_size: int = 48, train_images: int = 20,
                       test_images: int = 5, mc_variants: int = 6, render_scale: int = 3,
-                      min_trait_distance: int = 3, **_: Any) -> BenchmarkMeta:
+                      min_trait_distance: int = 3, text_rows: int = 6, variation: float = 1.0,
+                      **_: Any) -> BenchmarkMeta:
     if entities < 8:
         raise BenchmarkError(f"entities={entities}: the synthetic benchmark needs at least 8 entities")
-    if train_images < 1 or test_images < 1 or mc_variants < 1:
-        raise BenchmarkError("train_images, test_images and mc_variants must each be at least 1")
+    if min(train_images, test_images, mc_variants, text_rows) < 1:
+        raise BenchmarkError("train_images, test_images, mc_variants and text_rows must each be at least 1")
+    var = Variation().scaled(variation)
     identities = make_identities(entities, seed, min_trait_distance)
     profiles = make_profiles(entities, seed)
     values = _values(profiles)
@@ -444,13 +465,14 @@ def prepare_synthetic(out: Path, entities: int = 40, seed: int = 0, image_size: 
 
     train_rows, eval_rows, test_rows = [], {}, []
     for i, (eid, p, ident) in enumerate(zip(ids, profiles, identities)):
-        portraits = [render(ident, _rng(seed, 100, i, k), image_size, render_scale)
+        portraits = [render(ident, _rng(seed, 100, i, k), image_size, render_scale, var)
                      for k in range(train_images + test_images)]
         seen, unseen = portraits[:train_images], portraits[train_images:]
         for img in seen:
             train_rows.append({"image": encode_png(img), "ID": eid,
                                "metadata": json.dumps(training_qa(p, True, qrng))})
-        train_rows.append({"image": None, "ID": eid, "metadata": json.dumps(training_qa(p, False, qrng))})
+        for k in range(text_rows):
+            train_rows.append({"image": None, "ID": eid, "metadata": json.dumps(training_qa(p, False, qrng, k))})
         gen, mask = open_tasks(p)
         eval_rows[eid] = {
             "image": encode_png(seen[0]), "ID": eid, "name": p["name"], "biography": biography(p),
@@ -475,6 +497,7 @@ def prepare_synthetic(out: Path, entities: int = 40, seed: int = 0, image_size: 
     ents = [Entity(id=e, name=p["name"], profile={**p, "identity": ident})
             for e, p, ident in zip(ids, profiles, identities)]
     settings = dict(entities=entities, image_size=image_size, train_images=train_images, test_images=test_images,
-                    mc_variants=mc_variants, render_scale=render_scale, min_trait_distance=min_trait_distance)
+                    mc_variants=mc_variants, render_scale=render_scale, min_trait_distance=min_trait_distance,
+                    text_rows=text_rows, variation=variation)
     return BenchmarkMeta(name="synthetic", entities=ents, splits=splits, seed=seed,
                          extra={"settings": settings, "image_size": image_size})
