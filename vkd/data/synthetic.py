@@ -181,15 +181,14 @@ class Variation:
         if factor < 0:
             raise BenchmarkError(f"variation={factor}: must be at least 0")
         base = Variation()
+
+        def around_one(lo_hi: tuple[float, float]) -> tuple[float, float]:
+            return 1 - (1 - lo_hi[0]) * factor, 1 + (lo_hi[1] - 1) * factor
+
         return Variation(
-            max_shift=base.max_shift * factor,
-            scale=(1 - (1 - base.scale[0]) * factor, 1 + (base.scale[1] - 1) * factor),
-            max_rotation=base.max_rotation * factor,
-            brightness=(1 - (1 - base.brightness[0]) * factor, 1 + (base.brightness[1] - 1) * factor),
-            contrast=(1 - (1 - base.contrast[0]) * factor, 1 + (base.contrast[1] - 1) * factor),
-            tint=base.tint * factor,
-            clutter=round(base.clutter * factor),
-            noise_sigma=(0.0, base.noise_sigma[1] * factor),
+            max_shift=base.max_shift * factor, scale=around_one(base.scale), max_rotation=base.max_rotation * factor,
+            brightness=around_one(base.brightness), contrast=around_one(base.contrast), tint=base.tint * factor,
+            clutter=round(base.clutter * factor), noise_sigma=(0.0, base.noise_sigma[1] * factor),
         )
 
 
