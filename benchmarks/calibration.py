@@ -4,8 +4,8 @@ image questions, four scorings side by side in one run.
     .venv/bin/python benchmarks/calibration.py --model MODEL --data DATA [--every 12] [--refs 8]
 
 raw: option log-likelihood; blank: minus the same with a blank grey image; question-only:
-minus the same question asked as text alone (what ``vkd.eval`` does); marginal: minus the
-log of the mean likelihood over ``--refs`` other entities' profile images (retain rows).
+minus the same question asked as text alone; marginal: minus the log of the mean likelihood
+over ``--refs`` other entities' profile images (what ``vkd.eval`` does).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vkd.data.items import eval_items
-from vkd.data.layout import decode_image, read_rows, retain_split
+from vkd.data.items import eval_items, reference_images
+from vkd.data.layout import decode_image
 from vkd.eval import _option_logp
 from vkd.model import ModelAdapter
 
@@ -33,8 +33,7 @@ def main() -> None:
     adapter = ModelAdapter.load(args.model)
     items = [it for it in eval_items(args.data, args.forget, generation=False)
              if it["image"] is not None][::args.every]
-    rows = list(read_rows(args.data, retain_split(args.forget)))
-    refs = [decode_image(r["image"]["bytes"], r["_source"]) for r in rows[::max(1, len(rows) // args.refs)][:args.refs]]
+    refs = reference_images(args.data, args.forget, args.refs)
 
     @torch.no_grad()
     def logp(question: str, images, options: list[str]) -> torch.Tensor:
@@ -49,8 +48,8 @@ def main() -> None:
         scores["raw"].append(raw)
         scores["blank"].append(raw - logp(q, [blank] * 4, opts))
         scores["question-only"].append(raw - logp(q, None, opts))
-        each = torch.stack([logp(q, [r] * 4, opts) for r in refs])
-        scores["marginal"].append(raw - (torch.logsumexp(each, 0) - np.log(len(refs))))
+        each = torch.stack([logp(q, [r] * 4, opts) for ent, r in refs if ent != it["entity"]])
+        scores["marginal"].append(raw - (torch.logsumexp(each, 0) - np.log(len(each))))
     truth = np.array([it["answer"] for it in items])
     print(f"{len(items)} image questions of {args.forget} (every {args.every}th), {len(refs)} reference images")
     for name, vals in scores.items():

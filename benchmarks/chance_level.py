@@ -15,7 +15,7 @@ import torch
 
 from vkd.config import load_config
 from vkd.data import prepare_benchmark
-from vkd.data.items import eval_items
+from vkd.data.items import eval_items, reference_images
 from vkd.eval import aggregate, evaluate_items
 from vkd.model import ModelAdapter, resolve_model
 
@@ -33,11 +33,12 @@ def main() -> None:
         data = work / "data"
         prepare_benchmark(settings.pop("kind"), data, **settings)
         items = [it for it in eval_items(data, "forget_10", generation=False) if not it["key"].startswith("retain")]
+        refs = reference_images(data, "forget_10", cfg.eval.references)
         worst = 0.0
         for seed in range(args.seeds):
             model = dataclasses.replace(cfg.model, seed=seed)
             adapter = ModelAdapter.load(resolve_model("tiny", model, data, cache=work / "models"))
-            metrics = aggregate(evaluate_items(adapter, items, 64))
+            metrics = aggregate(evaluate_items(adapter, items, refs, 64))
             worst = max([worst, *(abs(v - 0.25) for v in metrics.values())])
             print(f"seed {seed}: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
         print(f"largest distance from 0.25 over {args.seeds} seeds: {worst:.3f}")

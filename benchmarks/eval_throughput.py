@@ -19,7 +19,7 @@ from pipelines.common import init_ray
 from pipelines.evaluate import evaluate_on_ray, format_table
 from vkd.config import load_config
 from vkd.data import prepare_benchmark
-from vkd.data.items import eval_items
+from vkd.data.items import eval_items, reference_images
 from vkd.eval import aggregate, counts, evaluate_items
 from vkd.model import ModelAdapter, resolve_model
 
@@ -52,7 +52,8 @@ def main() -> None:
         torch.set_num_threads(int(cfg.eval.actors * cfg.eval.cpus_per_actor))
         adapter = ModelAdapter.load(path)
         start = time.perf_counter()
-        local = evaluate_items(adapter, items, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        local = evaluate_items(adapter, items, reference_images(work / "data", args.forget, cfg.eval.references),
+                               cfg.eval.batch_size, cfg.eval.max_new_tokens)
         local_s = time.perf_counter() - start
 
         init_ray(cfg)

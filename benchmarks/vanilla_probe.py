@@ -21,7 +21,7 @@ import time
 import torch
 
 from vkd.config import load_config
-from vkd.data.items import eval_items, naming_sequences, train_sequences
+from vkd.data.items import eval_items, naming_sequences, reference_images, train_sequences
 from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows
 from vkd.eval import aggregate, evaluate_items
 from vkd.model import ModelAdapter, resolve_model
@@ -77,7 +77,7 @@ def main() -> None:
     if args.save:
         adapter.save(args.save)
     sample = eval_items(args.data, "forget_10", limit=args.sample, generation=False)
-    metrics = aggregate(evaluate_items(adapter, sample, 64))
+    metrics = aggregate(evaluate_items(adapter, sample, reference_images(args.data, "forget_10", 8), 64))
     print(f"{len(items)} training sequences, {args.steps} steps of {args.batch} in {time.perf_counter() - start:.0f} s")
     print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 

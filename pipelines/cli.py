@@ -9,6 +9,8 @@ STAGES = {
     "prepare": "make or ingest a benchmark into parquet shards",
     "vanilla": "fine-tune the base model on every entity (the teacher), on Ray Train + DeepSpeed",
     "evaluate": "multiple-choice, generation and cloze metrics on Ray Data",
+    "unlearn": "make a model forget what the forget split's entities look like (vkd or a baseline)",
+    "relearn": "the relearning attack on an unlearned model: Accuracy Gap on held-out forget entities",
     "demo": "prepare the demo benchmark and evaluate a model on it, printing a table",
 }
 

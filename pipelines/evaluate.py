@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,15 +51,17 @@ class _Expand:
 class ScorerActor:
     """One model copy per actor; scores a batch of items."""
 
-    def __init__(self, model_path: str, max_new_tokens: int, threads: int):
+    def __init__(self, model_path: str, data: str, forget: str, cfg: EvalConfig):
         import torch
 
+        from vkd.data.items import reference_images
+        from vkd.eval import Calibration
         from vkd.model import ModelAdapter
 
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.adapter = ModelAdapter.load(model_path)
-        self.max_new_tokens = max_new_tokens
-        self.ref_cache: dict = {}
+        self.max_new_tokens = cfg.max_new_tokens
+        self.calibration = Calibration(reference_images(data, forget, cfg.references))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from vkd.eval import score_items
@@ -66,21 +69,23 @@ class ScorerActor:
         items = [{c: _plain(rec[c]) for c in ITEM_COLUMNS} for rec in batch.to_dict("records")]
         for it in items:
             it["image"] = it["image"] if isinstance(it["image"], (bytes, bytearray)) else None
-        return pd.DataFrame(score_items(self.adapter, items, self.max_new_tokens, self.ref_cache))
+        return pd.DataFrame(score_items(self.adapter, items, self.calibration, self.max_new_tokens))
 
 
-def evaluate_on_ray(model_path: str | Path, data: str | Path, forget: str, cfg: EvalConfig) -> list[dict]:
-    """Per-item results of the evaluation, computed by a Ray Data actor pool."""
+def evaluate_on_ray(model_path: str | Path, data: str | Path, forget: str, cfg: EvalConfig,
+                    plan: list[tuple[str, str, list[str] | None]] | None = None) -> list[dict]:
+    """Per-item results of the evaluation (``plan``: which splits, roles and entities;
+    default :func:`vkd.data.items.eval_plan`), computed by a Ray Data actor pool."""
     import ray
 
     parts = []
-    for split, role, ids in eval_plan(data, forget):
+    for split, role, ids in plan or eval_plan(data, forget, cfg.retain_entities):
         ds = ray.data.read_parquet([str(p) for p in shard_paths(data, split)], include_paths=True)
         parts.append(ds.flat_map(_Expand(role, ids, cfg)))
     items = parts[0].union(*parts[1:])
     scored = items.map_batches(
-        ScorerActor, fn_constructor_kwargs={"model_path": str(model_path), "max_new_tokens": cfg.max_new_tokens,
-                                            "threads": int(cfg.cpus_per_actor)},
+        ScorerActor, fn_constructor_kwargs={"model_path": str(model_path), "data": str(data), "forget": forget,
+                                            "cfg": cfg},
         batch_size=cfg.batch_size, batch_format="pandas", num_cpus=cfg.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
     )
@@ -97,6 +102,48 @@ def format_table(metrics: dict[str, float], n: dict[str, int] | None = None,
         vals = "".join(f" {c[key]:>10.3f}" if key in c else f" {'':>10}" for c in columns.values())
         lines.append(f"{key:<22} {DIRECTIONS.get(key, ''):<6}{vals}" + (f" {n.get(key, 0):>6}" if n else ""))
     return "\n".join(lines)
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """A cheap content fingerprint of a model folder: config, and each weight file's size
+    with the hash of its first and last MiB."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            head = fh.read(2**20)
+            fh.seek(max(0, size - 2**20))
+            h.update(f.name.encode() + str(size).encode() + head + fh.read())
+    return h.hexdigest()[:16]
+
+
+def cached_evaluation(model: str | Path, data: str | Path, forget: str, cfg: EvalConfig,
+                      cache: str | Path | None = None) -> tuple[dict[str, float], dict[str, int]]:
+    """The evaluation of a model that does not change (the vanilla model before each
+    unlearning run), computed once per model, benchmark, split and evaluation settings and
+    kept under ``$VKD_CACHE/eval`` (default ``.vkd/cache/eval``)."""
+    import hashlib
+    import os
+
+    from vkd.model import data_fingerprint
+
+    blob = json.dumps({"model": model_fingerprint(model), "data": data_fingerprint(data), "forget": forget,
+                       "eval": asdict(cfg)}, sort_keys=True)
+    root = Path(cache or os.environ.get("VKD_CACHE", ".vkd/cache")) / "eval"
+    path = root / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return saved["metrics"], saved["counts"]
+    results = evaluate_on_ray(model, data, forget, cfg)
+    metrics, n = aggregate(results), counts(results)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"metrics": metrics, "counts": n}, sort_keys=True))
+    tmp.rename(path)
+    return metrics, n
 
 
 def run_evaluation(cfg: Config, model: str, data: str, forget: str) -> tuple[dict[str, float], dict[str, int], float]:

@@ -1,8 +1,8 @@
 """The one trainer: Ray Train workers, each driving a DeepSpeed engine, fed by Ray Data.
 
-The caller gives the model folder, the Ray dataset of train items, which parameter groups
-train, an optional per-parameter gradient mask and the loss (a name in
-``vkd.train.LOSSES``). Checkpoints go through ``ray.train.report``; a restarted worker
+The caller gives the model folder, a Ray dataset per stream of train items, the method (a
+name in ``vkd.methods.METHODS``: which parameters train, which streams a step takes, the
+loss) and an optional per-parameter gradient mask. Checkpoints go through ``ray.train.report``; a restarted worker
 group resumes from the latest one and finishes with the same step count.
 """
 from __future__ import annotations
@@ -25,12 +25,15 @@ from vkd.config import TrainConfig
 
 @dataclass
 class TrainJob:
-    model_path: str
+    model_path: str                    # the starting weights
     out_dir: str                       # the final Hugging Face folder
     cfg: TrainConfig
     total_steps: int
-    loss: str = "lm"
+    method: str = "finetune"           # a name in vkd.methods.METHODS
+    unlearn: dict[str, Any] = field(default_factory=dict)  # UnlearnConfig fields of an unlearning method
     masks_path: str | None = None      # torch.save'd {param name: 0/1 tensor}
+    reference_path: str | None = None  # frozen reference model (methods that need one)
+    teacher_path: str | None = None    # torch.save'd {image key: {feature name: tensor}}
     mlflow: dict[str, str] = field(default_factory=dict)   # tracking_uri, run_id
     name: str = "train"
     fault_at_step: int = 0             # test-only fault hook: rank 0 dies once at this step,
@@ -57,37 +60,65 @@ class TokenizeBatch:
         return self.tokenize(items)
 
 
-def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, naming: bool = False):
-    """Ray dataset of tokenised train sequences: parquet shards -> sequences of ``cfg.turns``
-    question-answer pairs (or, with ``naming``, the pairs that name the entity in its
-    picture) -> arrays, streamed."""
-    import ray
+@dataclass
+class RowPlan:
+    """Which ft_Data rows a stream reads and how each becomes training sequences."""
+    ids: frozenset[str] | None = None    # entities whose rows it reads (None: all)
+    image_only: bool = False             # skip text-only rows
+    names: dict[str, str] | None = None  # entity id -> name: only the pairs that name the entity (alignment)
+    answer: str | None = None            # replace every answer (a refusal target)
+    turns: int = 1
+    seed: int = 0
+    rows: frozenset[int] | None = None   # only the rows with these keys (vkd.train.row_key); None: all
 
-    from vkd.data.items import naming_sequences, train_sequences
-    from vkd.data.layout import TRAIN_SPLIT, load_meta, shard_paths
+    def keep(self, row: dict[str, Any]) -> bool:
+        from vkd.train import row_key
 
-    names = {e.id: e.name for e in load_meta(data).entities} if naming else {}
+        return ((self.ids is None or row.get("ID") in self.ids) and not (self.image_only and row.get("image") is None)
+                and (self.rows is None or row_key(row) in self.rows))
 
-    def expand(row: dict[str, Any]) -> list[dict[str, Any]]:
+    def sequences(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        from vkd.data.items import naming_sequences, train_sequences
+
         row = dict(row)
         row["_source"] = f"{row.pop('path', 'ft_Data')}, entity {row.get('ID')}"
-        seqs = naming_sequences(row, names.get(row.get("ID"), "")) if naming else train_sequences(row, cfg.turns, cfg.seed)
+        if self.names is not None:
+            seqs = naming_sequences(row, self.names.get(row.get("ID"), ""))
+        else:
+            seqs = train_sequences(row, self.turns, self.seed)
+        if self.answer is not None:
+            seqs = [{**s, "answers": [self.answer] * len(s["answers"])} for s in seqs]
         return [{k: it[k] for k in ("image", "questions", "answers", "source")} for it in seqs]
 
+
+def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: RowPlan | None = None):
+    """Ray dataset of tokenised train sequences: parquet shards -> the rows of ``plan``,
+    shuffled -> sequences -> arrays, streamed."""
+    import ray
+
+    from vkd.data.layout import TRAIN_SPLIT, shard_paths
+
+    plan = plan or RowPlan(turns=cfg.turns, seed=cfg.seed)
     ds = ray.data.read_parquet([str(p) for p in shard_paths(data, TRAIN_SPLIT)], include_paths=True)
+    if plan.ids is not None or plan.image_only or plan.rows is not None:
+        ds = ds.filter(plan.keep)
     # Rows come grouped by entity; shuffle them globally (a few MB) before they fan out into
     # sequences, so each worker's local shuffle buffer mixes many entities.
-    ds = ds.random_shuffle(seed=cfg.seed).flat_map(expand)
+    ds = ds.random_shuffle(seed=plan.seed).flat_map(plan.sequences)
     return ds.map_batches(TokenizeBatch, fn_constructor_kwargs={"model_path": model_path, "max_length": cfg.max_length},
                           batch_size=64, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
                           num_cpus=0.5)
 
 
 def train_datasets(data: str | Path, model_path: str, cfg: TrainConfig) -> dict[str, Any]:
-    """The datasets of a run: ``train``, and ``align`` (naming pairs) when ``cfg.align_steps``."""
+    """The datasets of a fine-tuning run: ``train``, and ``align`` (naming pairs) when
+    ``cfg.align_steps``."""
+    from vkd.data.layout import load_meta
+
     out = {"train": train_dataset(data, model_path, cfg)}
     if cfg.align_steps:
-        out["align"] = train_dataset(data, model_path, cfg, naming=True)
+        names = {e.id: e.name for e in load_meta(data).entities}
+        out["align"] = train_dataset(data, model_path, cfg, RowPlan(names=names, seed=cfg.seed))
     return out
 
 
@@ -109,8 +140,10 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from vkd.config import UnlearnConfig
+    from vkd.methods import METHODS, StepContext
     from vkd.model import ModelAdapter
-    from vkd.train import LOSSES, ds_config, model_inputs, set_trainable, skip_shm_comm_build
+    from vkd.train import ds_config, model_inputs, set_trainable, skip_shm_comm_build
 
     job = TrainJob(**{**job_dict, "cfg": TrainConfig(**job_dict["cfg"])})
     cfg = job.cfg
@@ -122,10 +155,15 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     skip_shm_comm_build()
 
+    ucfg = UnlearnConfig(**job.unlearn)
+    method = METHODS.get(job.method)(ucfg)
     adapter = ModelAdapter.load(job.model_path)
     model = adapter.model
     model.train()
-    params = set_trainable(adapter, cfg.trainable)
+    if job.method == "finetune":
+        params = set_trainable(adapter, cfg.trainable)
+    else:
+        params = set_trainable(adapter, method.trainable, ucfg.vision_layers if method.trainable == "visual" else 0)
     if job.masks_path:
         masks = torch.load(job.masks_path)
         for name, p in model.named_parameters():
@@ -133,7 +171,12 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
                 p.register_hook(lambda g, m=masks[name]: g * m.to(g.dtype))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, job.total_steps))
-    loss_fn = LOSSES.get(job.loss)
+    step_ctx = StepContext(adapter=adapter, cfg=ucfg)
+    if method.needs_reference:
+        step_ctx.reference = ModelAdapter.load(job.reference_path or job.model_path).model.to(engine.device)
+        step_ctx.reference.requires_grad_(False)
+    if job.teacher_path:
+        step_ctx.teacher = torch.load(job.teacher_path)
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -154,29 +197,37 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
 
         bar = tqdm(total=job.total_steps, initial=step, desc=job.name, mininterval=5, ascii=True)
 
-    def batches(phase: str, at_step: int):
+    def batches(dataset: str, at_step: int):
         """Endless batches of one dataset shard, pass after pass."""
-        shard = ray.train.get_dataset_shard(phase)
+        shard = ray.train.get_dataset_shard(dataset)
         while True:
             count = 0
             for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
-                                                  local_shuffle_buffer_size=cfg.shuffle_buffer,
+                                                  local_shuffle_buffer_size=cfg.shuffle_buffer or None,
                                                   local_shuffle_seed=cfg.seed + rank + at_step):
                 count += 1
                 yield batch
             if count == 0:
-                raise RuntimeError(f"a worker got no {phase} batch: use fewer workers or a smaller train.batch_size")
+                raise RuntimeError(f"a worker got no {dataset} batch: use fewer workers or a smaller batch size")
             at_step += 1
 
-    start, seen = None, step  # throughput counts from the end of the first step (pipelines warmed up)
-    phase, stream = None, None
+    # Throughput counts from the end of the first step (pipelines warmed up); "steady" over
+    # the second half of this run's steps, once Ray Data's start-up burst is over.
+    start, seen, stamps = None, step, []
+    waited = 0.0               # seconds spent waiting for batches since the first step
+    sources: dict[str, tuple[str, Any]] = {}  # stream -> (dataset it reads now, its batches)
     while step < job.total_steps:
-        want = "align" if step < cfg.align_steps else "train"
-        if want != phase:
-            phase, stream = want, batches(want, step)
-        batch = next(stream)
-        inputs = model_inputs({k: v.to(engine.device) for k, v in batch.items()})
-        loss, metrics = loss_fn(engine, inputs)
+        ask = time.perf_counter()
+        inputs = {}
+        for stream in method.streams:
+            dataset = "align" if stream == "train" and step < cfg.align_steps else stream
+            if sources.get(stream, ("",))[0] != dataset:
+                sources[stream] = (dataset, batches(dataset, step))
+            batch = next(sources[stream][1])
+            inputs[stream] = model_inputs({k: v.to(engine.device) for k, v in batch.items()}, keys=method.distills)
+        if start is not None:
+            waited += time.perf_counter() - ask
+        loss, metrics = method.loss(engine, inputs, step_ctx)
         # Every trainable parameter takes part in every step on every rank (a text-only
         # batch skips the vision tower), or ZeRO's gradient buckets differ across ranks.
         loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in params)
@@ -185,8 +236,9 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
         if not engine.is_gradient_accumulation_boundary() and cfg.grad_accum > 1:
             continue
         step += 1
+        stamps.append(time.perf_counter())
         if start is None:
-            start, seen = time.perf_counter(), step
+            start, seen = stamps[-1], step
         if rank == 0 and step == job.fault_at_step and job.fault_marker and not Path(job.fault_marker).exists():
             Path(job.fault_marker).write_text(str(step))
             time.sleep(5)  # let the controller register the last reported checkpoint first
@@ -194,10 +246,14 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
         done = step >= job.total_steps
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", phase=phase, refresh=False)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", data=sources[method.streams[0]][0], refresh=False)
+        per_step = cfg.batch_size * cfg.grad_accum * world
+        elapsed = max(stamps[-1] - start, 1e-9)
+        half = len(stamps) // 2
         report = {**metrics, "step": step, "resumed_from": resumed_from, "lr": engine.get_lr()[0],
-                  "samples_per_s": (step - seen) * cfg.batch_size * cfg.grad_accum * world
-                  / max(time.perf_counter() - start, 1e-9)}
+                  "samples_per_s": (step - seen) * per_step / elapsed,
+                  "steady_samples_per_s": (len(stamps) - 1 - half) * per_step / max(stamps[-1] - stamps[half], 1e-9),
+                  "data_wait": waited / elapsed}
         if tracker is not None and (step % cfg.log_every == 0 or done):
             for k, v in report.items():
                 if k not in ("step", "resumed_from"):
@@ -252,3 +308,116 @@ def run_training(job: TrainJob, datasets: dict[str, Any], storage: str | Path, m
         shutil.copytree(hf, tmp, dirs_exist_ok=True)
         tmp.rename(job.out_dir)
     return result
+
+
+@dataclass
+class StatsJob:
+    """A streaming pass before unlearning, on the trainer's workers: neuron importance and
+    Fisher statistics of the forget and retain streams, and the teacher's visual features
+    of every retain image the training will see."""
+    model_path: str
+    cfg: TrainConfig                   # workers, CPUs, batch size, seed
+    criterion: str = "activation"      # neuron importance: activation | taylor
+    importance: bool = False
+    fisher_names: list[str] = field(default_factory=list)   # parameters to collect Fisher on
+    teacher_layers: list[int] | None = None                 # None: no teacher features
+
+
+def stats_loop(job_dict: dict[str, Any]) -> None:
+    """Runs on every worker: sums over this worker's shards, all-reduced; rank 0 reports them."""
+    import contextlib
+
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from vkd.methods import nll, visual_features
+    from vkd.model import ModelAdapter
+    from vkd.saliency import SplitStats, accumulate_fisher, neuron_meter, neuron_modules
+    from vkd.train import model_inputs, set_trainable
+
+    job = StatsJob(**{**job_dict, "cfg": TrainConfig(**job_dict["cfg"])})
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(job.cfg.seed + rank)
+    if not job.cfg.use_gpu:
+        torch.set_num_threads(max(1, int(job.cfg.cpus_per_worker)))
+    adapter = ModelAdapter.load(job.model_path)
+    model = adapter.model
+    set_trainable(adapter, "visual")  # activations of the visual module carry gradients (taylor)
+    wanted = set(job.fisher_names)
+    for n, p in model.named_parameters():
+        p.requires_grad_(p.requires_grad or n in wanted)
+    modules = neuron_modules(adapter)
+    params = dict(model.named_parameters())
+
+    stats = {}
+    for split in ("forget", "retain"):
+        # zeros first, so every rank all-reduces the same tensors even with an empty shard
+        st = SplitStats(fisher={n: torch.zeros_like(params[n], dtype=torch.float32) for n in job.fisher_names})
+        if job.importance:
+            st.importance = {n: torch.zeros(m.in_features) for n, m in modules.items()}
+            st.positions = {n: 0.0 for n in modules}
+        meter = neuron_meter(adapter, st, job.criterion) if job.importance else contextlib.nullcontext()
+        with meter:
+            for batch in ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=job.cfg.batch_size):
+                nll(model, model_inputs(batch)).backward()
+                accumulate_fisher(model, st, wanted)
+        stats[split] = st
+
+    teacher: dict[int, dict[str, torch.Tensor]] = {}
+    if job.teacher_layers is not None:
+        for batch in ray.train.get_dataset_shard("teacher").iter_torch_batches(batch_size=64):
+            has = batch["has_image"].bool()
+            keys = batch["image_key"][has].tolist()
+            new = [i for i, k in enumerate(keys) if k not in teacher]
+            if not new:
+                continue
+            pixels = batch["pixel_values"][has][new]
+            feats = visual_features(adapter, pixels, job.teacher_layers)
+            for j, i in enumerate(new):
+                teacher[keys[i]] = {name: f[j].clone() for name, f in feats.items()}
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for st in stats.values():
+            for table in (st.importance, st.fisher):
+                for v in table.values():
+                    dist.all_reduce(v)
+            counts = torch.tensor([float(st.batches), *[st.positions[n] for n in sorted(st.positions)]],
+                                  dtype=torch.float64)
+            dist.all_reduce(counts)
+            st.batches = int(counts[0])
+            st.positions = {n: float(c) for n, c in zip(sorted(st.positions), counts[1:].tolist())}
+        if job.teacher_layers is not None:
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, teacher)
+            for part in parts:
+                teacher.update(part)
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            torch.save({"forget": stats["forget"], "retain": stats["retain"], "teacher": teacher},
+                       Path(tmp) / "stats.pt")
+        ray.train.report({"forget_batches": stats["forget"].batches, "retain_batches": stats["retain"].batches,
+                          "teacher_images": len(teacher)},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+def run_stats(job: StatsJob, datasets: dict[str, Any], storage: str | Path) -> dict[str, Any]:
+    """Run the statistics pass; returns {"forget": SplitStats, "retain": SplitStats,
+    "teacher": {image key: features}}."""
+    import ray.train
+    import torch
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = job.cfg
+    trainer = TorchTrainer(
+        stats_loop,
+        train_loop_config={**asdict(job), "cfg": asdict(cfg)},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=f"stats-{uuid.uuid4().hex[:8]}", storage_path=str(Path(storage).resolve())),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        return torch.load(Path(d) / "stats.pt", weights_only=False)

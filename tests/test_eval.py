@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from vkd.data.items import MC_KEYS, eval_items
+from vkd.data.items import MC_KEYS, eval_items, reference_images
 from vkd.eval import DIRECTIONS, aggregate, cloze_correct, evaluate_items, rouge_l
 
 
@@ -23,7 +23,7 @@ def test_rouge_l_and_cloze():
 
 def test_directions_cover_every_key(small_data, tiny):
     items = eval_items(small_data, "forget_15", limit=1)
-    results = evaluate_items(tiny, items, batch_size=16, max_new_tokens=4)
+    results = evaluate_items(tiny, items, reference_images(small_data, "forget_15", 4), batch_size=16, max_new_tokens=4)
     metrics = aggregate(results)
     assert set(MC_KEYS) <= set(metrics)
     assert {"forget_vqa_rougeL", "retain_qa_cloze", "test_vqa_cloze"} <= set(metrics)
@@ -34,8 +34,9 @@ def test_directions_cover_every_key(small_data, tiny):
 
 def test_scores_do_not_depend_on_batching(small_data, tiny):
     items = eval_items(small_data, "forget_15", limit=2)
-    one = evaluate_items(tiny, items, batch_size=len(items), max_new_tokens=6)
-    many = evaluate_items(tiny, items, batch_size=5, max_new_tokens=6)
+    refs = reference_images(small_data, "forget_15", 4)
+    one = evaluate_items(tiny, items, refs, batch_size=len(items), max_new_tokens=6)
+    many = evaluate_items(tiny, items, refs, batch_size=5, max_new_tokens=6)
     assert [r["value"] for r in one] == [r["value"] for r in many]
 
 
@@ -43,9 +44,10 @@ def test_ray_data_gives_the_in_process_numbers(small_data, tiny, tiny_path, ray_
     from pipelines.evaluate import evaluate_on_ray
     from vkd.config import EvalConfig
 
-    cfg = EvalConfig(batch_size=16, max_new_tokens=6, max_rows=2, actors=2)
+    cfg = EvalConfig(batch_size=16, max_new_tokens=6, max_rows=2, actors=2, references=4)
     on_ray = evaluate_on_ray(tiny_path, small_data, "forget_15", cfg)
-    local = evaluate_items(tiny, eval_items(small_data, "forget_15", limit=2), batch_size=7, max_new_tokens=6)
+    local = evaluate_items(tiny, eval_items(small_data, "forget_15", limit=2), reference_images(small_data, "forget_15", 4),
+                           batch_size=7, max_new_tokens=6)
     assert len(on_ray) == len(local) > 0
     assert aggregate(on_ray) == pytest.approx(aggregate(local), abs=1e-9)
 
@@ -66,7 +68,8 @@ def test_untrained_model_is_at_chance_on_the_demo_benchmark(demo_config, tmp_pat
     retain_sample = set(load_meta(data).splits["retain_90"][:15])  # the retain keys hold many entities
     items = [it for it in eval_items(data, "forget_10", generation=False)
              if not it["key"].startswith("retain") or it["entity"] in retain_sample]
-    metrics = aggregate(evaluate_items(adapter, items, batch_size=64))
+    metrics = aggregate(evaluate_items(adapter, items, reference_images(data, "forget_10", demo_config.eval.references),
+                                        batch_size=64))
     assert set(metrics) == set(MC_KEYS)
     for key in MC_KEYS:
         assert abs(metrics[key] - 0.25) <= 0.08, (key, metrics)

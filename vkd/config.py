@@ -65,6 +65,8 @@ class EvalConfig:
     max_open: int = 0                # open questions (generation, cloze) per row and key (0: all)
     actors: int = 1                  # Ray Data actor-pool size, each holding one model copy
     cpus_per_actor: float = 1.0
+    references: int = 8              # other entities' images that image questions are calibrated against
+    retain_entities: int = 0         # retain entities scored, evenly spaced (0: all); the forget side is always whole
 
 
 @dataclass
@@ -93,6 +95,42 @@ class TrainConfig:
 
 
 @dataclass
+class UnlearnConfig:
+    """One unlearning request's method and its settings (ARCHITECTURE.md, "The method").
+    Fields marked with a method name matter to that method only."""
+    method: str = "vkd"              # vkd | ga | gd | kl | npo | mmunlearner (see vkd.methods)
+    steps: int = 120                 # optimizer steps of the unlearning run
+    lr: float = 5e-4
+    batch_size: int = 8              # per worker and stream: a forget and a retain batch per step
+    retain_rows: int = 600           # retain-entity training rows sampled for D_r (0: all of them)
+    retain_weight: float = 1.0       # weight of the retain cross-entropy (gd, npo, mmunlearner, vkd) or KL (kl)
+    forget_loss: str = "ga"          # vkd: ga (ascent on the answers) | npo | refusal (descent to refusal_answer)
+    refusal_answer: str = "I don't know."
+    npo_beta: float = 0.1            # npo, and vkd with forget_loss=npo
+    beta: float = 1.0                # vkd: weight of L_VKD, the distillation to the teacher's visual features
+    vkd_distance: str = "mse"        # vkd: mse | cosine
+    vkd_layers: list[int] = field(default_factory=list)  # vkd: vision layers distilled besides the projector output
+    vision_layers: int = 0           # vkd: train the last N vision layers and the projector (0: every layer)
+    importance: str = "activation"   # vkd: neuron importance, activation (mean |a|) | taylor (mean |a dL/da|)
+    d_i: float = 0.02                # vkd: pruning threshold on s = I_f / (I_r + eps)
+    d_i_mode: str = "top_fraction"   # ratio (prune s >= d_i) | top_fraction (prune the top d_i of neurons)
+    d_f: float = 0.3                 # vkd, mmunlearner: Fisher mask threshold on F_f / (F_r + eps)
+    d_f_mode: str = "top_fraction"   # ratio (update F_f/F_r >= d_f) | top_fraction (update the top d_f)
+    stat_batches: int = 16           # batches per worker and split for importance and Fisher
+    eps: float = 1e-8
+    seed: int = 0
+
+
+@dataclass
+class RelearnConfig:
+    """The relearning attack: fine-tune an unlearned model on some forget entities' data."""
+    fraction: float = 0.25           # forget entities whose training rows the attack uses (the rest are held out)
+    steps: int = 40
+    lr: float = 5e-4
+    batch_size: int = 8
+
+
+@dataclass
 class TrackingConfig:
     """MLflow: MLFLOW_TRACKING_URI wins; else a SQLite file in the working folder."""
     experiment: str = "vkd"
@@ -112,6 +150,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    relearn: RelearnConfig = field(default_factory=RelearnConfig)
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -40,6 +40,9 @@ class Family:
     projector: tuple[str, ...]
     llm: tuple[str, ...]
     vision_layers: str   # prefix of the vision transformer's blocks, followed by the block index
+    # Linear modules of the visual side whose *input* channels are the prunable neurons: the
+    # down-projection of every vision MLP and of the projector (regexes on module names).
+    neuron_modules: tuple[str, ...] = ()
 
     def group_of(self, param_name: str) -> str:
         for group in ("projector", "vision", "llm"):
@@ -52,10 +55,13 @@ FAMILIES: Registry[Family] = Registry("model family")
 FAMILIES.register("llava")(Family(
     "llava", ("llava",), vision=("model.vision_tower.",), projector=("model.multi_modal_projector.",),
     llm=("model.language_model.", "lm_head."), vision_layers="model.vision_tower.encoder.layers.",
+    neuron_modules=(r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.mlp\.fc2",
+                    r"model\.multi_modal_projector\.linear_2"),
 ))
 FAMILIES.register("qwen2_vl")(Family(
     "qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), vision=("model.visual.",), projector=("model.visual.merger.",),
     llm=("model.language_model.", "lm_head."), vision_layers="model.visual.blocks.",
+    neuron_modules=(r"model\.visual\.blocks\.\d+\.mlp\.(fc2|down_proj)", r"model\.visual\.merger\.mlp\.2"),
 ))
 
 

@@ -5,7 +5,9 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import hashlib
+
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +15,6 @@ import torch
 from vkd.config import TrainConfig
 from vkd.data.layout import decode_image
 from vkd.model import GROUPS, ModelAdapter
-from vkd.registry import Registry
 
 TRAINABLE = {"all": GROUPS, "visual": ("vision", "projector")}
 
@@ -47,6 +48,7 @@ class Tokenize:
             "labels": np.full((n, width), -100, dtype=np.int64),
             "pixel_values": np.zeros((n, *self.image_shape), dtype=np.float32),
             "has_image": np.zeros(n, dtype=bool),
+            "image_key": np.zeros(n, dtype=np.int64),
         }
         with_image = [i for i, it in enumerate(items) if it["image"] is not None]
         without = [i for i, it in enumerate(items) if it["image"] is None]
@@ -77,39 +79,76 @@ class Tokenize:
             if has:
                 out["pixel_values"][idx] = extra["pixel_values"].numpy()
                 out["has_image"][idx] = True
+                out["image_key"][idx] = [image_key(it["image"]) for it in sub]
         return out
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Trim padding and keep the images of the rows that have one."""
+def image_key(blob: bytes) -> int:
+    """A stable 63-bit key of an image's bytes (teacher features are stored under it)."""
+    return int.from_bytes(hashlib.blake2b(bytes(blob), digest_size=8).digest(), "little") >> 1
+
+
+def row_key(row: dict[str, Any]) -> int:
+    """A stable key of an ft_Data row: its image's key, or for a text row its pairs'."""
+    image = row.get("image")
+    if isinstance(image, dict):
+        image = image.get("bytes")
+    if image:
+        return image_key(image)
+    return image_key(str(row.get("metadata", "")).encode() + str(row.get("ID", "")).encode())
+
+
+def sample_rows(rows: Sequence[dict[str, Any]], n: int, seed: int) -> frozenset[int]:
+    """The keys of ``n`` of ``rows`` (all when n is 0 or more than there are), chosen by a
+    seeded hash order: the same rows whatever order they are read in."""
+    keys = sorted({row_key(r) for r in rows})
+    if not n or n >= len(keys):
+        return frozenset(keys)
+    return frozenset(sorted(keys, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).digest())[:n])
+
+
+def model_inputs(batch: dict[str, torch.Tensor], keys: bool = False) -> dict[str, torch.Tensor]:
+    """Trim padding and keep the images of the rows that have one (with ``keys``, also
+    their ``image_key``, which a loss must pop before the forward)."""
     width = int(batch["attention_mask"].sum(1).max())
     inputs = {k: batch[k][:, :width] for k in ("input_ids", "attention_mask", "labels")}
     has = batch["has_image"].bool()
     if has.any():
         inputs["pixel_values"] = batch["pixel_values"][has]
+        if keys:
+            inputs["image_key"] = batch["image_key"][has]
     return inputs
 
 
-def set_trainable(adapter: ModelAdapter, which: str) -> list[torch.nn.Parameter]:
-    """Freeze every group outside ``which`` (no gradients, so no optimizer state either)."""
+def trainable_names(adapter: ModelAdapter, which: str, last_vision_layers: int = 0) -> list[str]:
+    """Names of the parameters that train: ``all``, or ``visual`` (the projector and the
+    vision tower; with ``last_vision_layers`` > 0, the projector and only the vision
+    tower's last that many layers)."""
     if which not in TRAINABLE:
         raise ValueError(f"train.trainable={which!r}; choose one of {', '.join(TRAINABLE)}")
-    keep = TRAINABLE[which]
+    groups = adapter.param_groups()
+    names = [n for g in TRAINABLE[which] for n, _ in groups[g]]
+    if which == "all" or last_vision_layers <= 0:
+        return names
+    prefix = adapter.family.vision_layers
+    index = {n: int(n[len(prefix):].split(".")[0]) for n, _ in groups["vision"] if n.startswith(prefix)}
+    keep = set(sorted(set(index.values()))[-last_vision_layers:])
+    vision = {n for n, _ in groups["vision"]}
+    return [n for n in names if n not in vision or index.get(n) in keep]
+
+
+def set_trainable(adapter: ModelAdapter, which: str, last_vision_layers: int = 0) -> list[torch.nn.Parameter]:
+    """Freeze every parameter outside ``trainable_names`` (no gradients, so no optimizer
+    state either); returns the trainable ones."""
+    wanted = set(trainable_names(adapter, which, last_vision_layers))
     params = []
-    for group, named in adapter.param_groups().items():
-        for _, p in named:
-            p.requires_grad_(group in keep)
-            if group in keep:
-                params.append(p)
+    for n, p in adapter.model.named_parameters():
+        p.requires_grad_(n in wanted)
+        if n in wanted:
+            params.append(p)
     return params
 
 
-# A loss takes the model and a batch of model inputs and returns (loss, metrics to log).
-Loss = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
-LOSSES: Registry[Loss] = Registry("loss")
-
-
-@LOSSES.register("lm")
 def lm_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy on the answer tokens (labels are -100 elsewhere)."""
     loss = model(**inputs).loss

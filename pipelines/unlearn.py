@@ -1,0 +1,224 @@
+"""Stage `unlearn`: one request (entities of a forget split + a method) -> an unlearned model.
+
+    python -m pipelines.unlearn --model M --data D --forget forget_10 --method vkd --out M2 [key=value ...]
+
+Recipe: evaluate the starting model (cached), build the forget and retain streams, run the
+statistics pass the method needs (Fisher, neuron importance, teacher features) on the
+trainer's workers, prune and build the gradient mask, train on the one trainer, evaluate
+again, then log both evaluations, a report (markdown and a PNG chart) and the model to
+MLflow and register it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipelines.common import init_ray, parse, parser, refuse_existing, resolve_config, run_main
+from pipelines.evaluate import cached_evaluation, evaluate_on_ray, format_table
+from pipelines.tracking import log_model, stage_run, tracking_uri
+from pipelines.trainer import RowPlan, StatsJob, TrainJob, run_stats, run_training, train_dataset
+from vkd.config import Config, TrainConfig
+from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows, retain_split
+from vkd.eval import DIRECTIONS, aggregate, counts
+from vkd.methods import Method, method_for
+from vkd.model import resolve_model
+from vkd.train import sample_rows
+
+
+def unlearn_train_config(cfg: Config) -> TrainConfig:
+    """The trainer settings of an unlearning run: the train section's workers, ZeRO stage
+    and precision, with the unlearn section's steps, learning rate and batch size."""
+    u = cfg.unlearn
+    return dataclasses.replace(cfg.train, lr=u.lr, batch_size=u.batch_size, max_steps=u.steps, align_steps=0,
+                               warmup_steps=min(cfg.train.warmup_steps, max(1, u.steps // 10)),
+                               checkpoint_every=max(u.steps, 1), grad_accum=1, seed=u.seed)
+
+
+def stream_plans(cfg: Config, method: Method, data: str | Path, forget: str) -> dict[str, RowPlan]:
+    """The forget stream (the forget entities' image pairs; answers replaced by the refusal
+    target when the forget loss is ``refusal``) and the retain stream (``retain_rows`` rows
+    of the other entities, image rows only when the method trains the visual module only)."""
+    meta = load_meta(data)
+    u = cfg.unlearn
+    answer = u.refusal_answer if u.forget_loss == "refusal" else None
+    retain_ids = frozenset(meta.entity_ids(retain_split(forget)))
+    candidates = [r for r in read_rows(data, TRAIN_SPLIT, retain_ids)
+                  if r.get("image") is not None or method.retain_text]
+    return {
+        "forget": RowPlan(ids=frozenset(meta.entity_ids(forget)), image_only=True, answer=answer, seed=u.seed),
+        "retain": RowPlan(ids=retain_ids, image_only=not method.retain_text, seed=u.seed,
+                          rows=sample_rows(candidates, u.retain_rows, u.seed)),
+    }
+
+
+def prepare_method(cfg: Config, method: Method, model: Path, data: str | Path, plans: dict[str, RowPlan],
+                   tcfg: TrainConfig, work: Path) -> dict[str, Any]:
+    """The statistics pass and what follows from it: the starting model (pruned for VKD),
+    the gradient masks and the teacher's features. Returns TrainJob fields and figures."""
+    import torch
+
+    from vkd.model import ModelAdapter
+    from vkd.saliency import apply_pruning, combine_masks, fisher_mask, pruned_neurons
+    from vkd.train import trainable_names
+
+    u = cfg.unlearn
+    fields: dict[str, Any] = {"model_path": str(model)}
+    figures: dict[str, Any] = {}
+    pruning: dict[str, list[int]] = {}
+    if not (method.needs_fisher or method.prunes or method.distills):
+        return {"fields": fields, "figures": figures, "pruning": pruning}
+    adapter = ModelAdapter.load(model)
+    trainable = trainable_names(adapter, method.trainable, u.vision_layers if method.trainable == "visual" else 0)
+    per_split = u.stat_batches * u.batch_size * tcfg.workers
+    datasets = {split: train_dataset(data, str(model), tcfg, plans[split]).limit(per_split)
+                for split in ("forget", "retain")}
+    if method.distills:
+        datasets["teacher"] = train_dataset(data, str(model), tcfg, plans["retain"])
+    job = StatsJob(model_path=str(model), cfg=tcfg, criterion=u.importance, importance=method.prunes,
+                   fisher_names=trainable if method.needs_fisher else [],
+                   teacher_layers=list(u.vkd_layers) if method.distills else None)
+    start = time.perf_counter()
+    stats = run_stats(job, datasets, storage=work / "ray")
+    figures["stats_seconds"] = time.perf_counter() - start
+    masks: dict[str, Any] = {}
+    if method.prunes:
+        # only the neurons of the layers that train (a frozen layer stays exactly as it was)
+        names = set(trainable)
+        for st in (stats["forget"], stats["retain"]):
+            st.importance = {k: v for k, v in st.importance.items() if f"{k}.weight" in names}
+        pruned = pruned_neurons(stats["forget"], stats["retain"], u.d_i, u.d_i_mode, u.eps)
+        masks = apply_pruning(adapter, pruned)
+        pruning = {k: torch.nonzero(v).flatten().tolist() for k, v in pruned.items() if v.any()}
+        figures["pruned_neurons"] = int(sum(int(v.sum()) for v in pruned.values()))
+        figures["neurons"] = int(sum(v.numel() for v in pruned.values()))
+        adapter.save(work / "pruned")
+        fields["model_path"] = str(work / "pruned")
+    if method.needs_fisher:
+        fisher = fisher_mask(stats["forget"], stats["retain"], u.d_f, u.d_f_mode, u.eps)
+        masks = combine_masks(masks, fisher)
+        figures["updated_fraction"] = float(sum(float(v.sum()) for v in fisher.values())
+                                            / max(1, sum(v.numel() for v in fisher.values())))
+    if masks:
+        torch.save(masks, work / "masks.pt")
+        fields["masks_path"] = str(work / "masks.pt")
+    if method.distills:
+        torch.save(stats["teacher"], work / "teacher.pt")
+        fields["teacher_path"] = str(work / "teacher.pt")
+        figures["teacher_images"] = len(stats["teacher"])
+    return {"fields": fields, "figures": figures, "pruning": pruning}
+
+
+def write_report(out: Path, title: str, before: dict[str, float], after: dict[str, float],
+                 figures: dict[str, Any]) -> list[Path]:
+    """report.md (the table of both evaluations and the run's figures) and report.png (a bar
+    chart of the multiple-choice keys, vanilla against unlearned)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [f"# {title}", "", "| metric | goal | before | after | change |", "| --- | --- | --- | --- | --- |"]
+    for key in sorted(set(before) | set(after)):
+        b, a = before.get(key), after.get(key)
+        change = f"{a - b:+.3f}" if a is not None and b is not None else ""
+        fmt = (lambda v: f"{v:.3f}" if v is not None else "")
+        lines.append(f"| {key} | {DIRECTIONS.get(key, '')} | {fmt(b)} | {fmt(a)} | {change} |")
+    lines += ["", "| figure | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in figures.items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    keys = [k for k in ("forget_vqa", "test_vqa", "forget_qa", "retain_vqa", "retain_qa") if k in before]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    xs = range(len(keys))
+    ax.bar([x - 0.2 for x in xs], [before[k] for k in keys], width=0.4, label="vanilla")
+    ax.bar([x + 0.2 for x in xs], [after.get(k, 0.0) for k in keys], width=0.4, label="unlearned")
+    ax.set_xticks(list(xs), keys)
+    ax.set_ylim(0, 1)
+    ax.axhline(0.25, color="grey", lw=0.8, ls="--", label="chance")
+    ax.set_ylabel("multiple-choice accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=100)
+    plt.close(fig)
+    return [out / "report.md", out / "report.png"]
+
+
+def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str, out: str | Path,
+                tags: dict[str, str] | None = None, register: bool = True) -> dict[str, Any]:
+    """Unlearn ``forget``'s entities from ``model`` into ``out`` (which must not exist).
+    Returns the figures: before, after, seconds, version, run id."""
+    out = refuse_existing(out, overwrite=False)
+    method = method_for(cfg.unlearn)
+    meta = load_meta(data)
+    meta.entity_ids(forget)
+    base = resolve_model(model, cfg.model, data)
+    init_ray(cfg)
+    tcfg = unlearn_train_config(cfg)
+    plans = stream_plans(cfg, method, data, forget)
+    run_tags = {"benchmark": meta.name, "forget": forget, "method": cfg.unlearn.method,
+                "entities": ",".join(meta.entity_ids(forget)), "base_model": str(base), **(tags or {})}
+    figures: dict[str, Any] = {"method": cfg.unlearn.method, "model": str(out)}
+    work = Path(tempfile.mkdtemp(prefix=f".unlearn-{out.name}-", dir=out.parent))
+    try:
+        with stage_run(cfg, "unlearn", run_tags, run_name=f"unlearn-{cfg.unlearn.method}-{forget}") as run:
+            import mlflow
+
+            before, n_before = cached_evaluation(base, data, forget, cfg.eval)
+            start = time.perf_counter()
+            prep = prepare_method(cfg, method, base, data, plans, tcfg, work)
+            figures.update(prep["figures"])
+            datasets = {s: train_dataset(data, prep["fields"]["model_path"], tcfg, plans[s]) for s in method.streams}
+            job = TrainJob(out_dir=str(out.resolve()), cfg=tcfg, total_steps=tcfg.max_steps, method=cfg.unlearn.method,
+                           unlearn=dataclasses.asdict(cfg.unlearn), reference_path=str(base),
+                           mlflow={"tracking_uri": tracking_uri(cfg.mlflow), "run_id": run.info.run_id},
+                           name=f"unlearn-{cfg.unlearn.method}", **prep["fields"])
+            run_training(job, datasets, storage=work / "ray")
+            figures["unlearn_seconds"] = time.perf_counter() - start
+            cfg.save(out / "vkd_config.yaml")
+            if method.prunes:  # {neuron module: pruned input channels}, kept at zero through training
+                (out / "pruning.json").write_text(json.dumps(prep["pruning"], indent=1))
+            results = evaluate_on_ray(out, data, forget, cfg.eval)
+            after, n_after = aggregate(results), counts(results)
+            figures.update(before=before, after=after, counts=n_after)
+            (out / "metrics.json").write_text(json.dumps({"before": before, "after": after}, indent=1, sort_keys=True))
+            mlflow.log_metrics({f"before/{k}": v for k, v in before.items()})
+            mlflow.log_metrics({f"after/{k}": v for k, v in after.items()})
+            mlflow.log_metrics({k: float(v) for k, v in figures.items() if isinstance(v, (int, float))})
+            title = f"{cfg.unlearn.method} on {forget} of {meta.name}"
+            scalars = {k: v for k, v in figures.items() if isinstance(v, (int, float))}
+            for path in write_report(out, title, before, after, scalars):
+                mlflow.log_artifact(str(path), artifact_path="report")
+            name = f"vkd-{meta.name}-unlearned"
+            figures["version"] = log_model(run.info.run_id, out, name, [f"{cfg.unlearn.method}_{forget}"],
+                                           cfg.mlflow.register and register)
+            figures["run_id"], figures["registered_name"] = run.info.run_id, name
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return figures
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = parser("unlearn", "make a model forget what the forget split's entities look like")
+    p.add_argument("--model", required=True, help="the vanilla model folder (tiny for an untrained one)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--forget", required=True, help="forget_5 | forget_10 | forget_15")
+    p.add_argument("--method", help="vkd | ga | gd | kl | npo | mmunlearner (default: the config's unlearn.method)")
+    p.add_argument("--out", required=True, help="folder for the unlearned model (must not exist)")
+    args = parse(p, argv)
+    cfg = resolve_config(args, {"unlearn": {"method": args.method}})
+    figures = run_unlearn(cfg, args.model, args.data, args.forget, args.out)
+    print(format_table(figures["after"], figures["counts"], {"before": figures["before"], "after": figures["after"]}))
+    secs = figures["unlearn_seconds"]
+    print(f"{figures['method']}: unlearned in {secs:.0f} s -> {figures['model']}; report: {figures['model']}/report.md")
+    if figures.get("version"):
+        print(f"MLflow run {figures['run_id']}, registered {figures['registered_name']} version {figures['version']}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

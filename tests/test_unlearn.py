@@ -1,0 +1,201 @@
+"""Unlearning: saliency selection, every method's loss, the VKD distillation, and one VKD run
+end to end on Ray (2 DeepSpeed workers): the LLM bit-identical, pruned neurons dead, updates
+confined to the Fisher mask, the report and the registered model."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, SMALL_MODEL
+from vkd.config import UnlearnConfig, load_config
+from vkd.data.items import train_sequences
+from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows
+from vkd.methods import METHODS, StepContext, feature_distance, method_for, visual_features
+from vkd.model import ModelAdapter
+from vkd.registry import UnknownName
+from vkd.saliency import SplitStats, fisher_mask, neuron_modules, pruned_neurons, select
+from vkd.train import Tokenize, model_inputs, trainable_names
+
+
+def test_select_by_ratio_and_by_top_fraction():
+    score = torch.tensor([0.1, 5.0, 2.0, 0.0, 3.0])
+    assert select(score, 2.0, "ratio").tolist() == [False, True, True, False, True]
+    assert select(score, 0.4, "top_fraction").tolist() == [False, True, False, False, True]
+    assert not select(score, 0.0, "top_fraction").any()
+    with pytest.raises(ValueError, match="threshold mode"):
+        select(score, 0.5, "most")
+
+
+def test_pruning_picks_neurons_that_fire_for_the_forget_set_only():
+    forget = SplitStats(importance={"a": torch.tensor([1.0, 8.0, 1.0]), "b": torch.tensor([4.0, 1.0])},
+                        positions={"a": 2.0, "b": 2.0})
+    retain = SplitStats(importance={"a": torch.tensor([1.0, 1.0, 9.0]), "b": torch.tensor([1.0, 1.0])},
+                        positions={"a": 1.0, "b": 1.0})
+    chosen = pruned_neurons(forget, retain, 0.4, "top_fraction")  # 2 of 5 neurons
+    assert chosen["a"].tolist() == [False, True, False] and chosen["b"].tolist() == [True, False]
+    fisher_f = SplitStats(fisher={"w": torch.tensor([[4.0, 0.0], [1.0, 1.0]])}, batches=1)
+    fisher_r = SplitStats(fisher={"w": torch.tensor([[1.0, 1.0], [1.0, 0.5]])}, batches=1)
+    assert fisher_mask(fisher_f, fisher_r, 1.5, "ratio")["w"].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_an_unregistered_method_is_a_clear_error_listing_the_registered_ones(small_data, tmp_path):
+    with pytest.raises(UnknownName, match="registered: .*gd.*vkd"):
+        method_for(UnlearnConfig(method="forgetful"))
+    with pytest.raises(Exception, match="unlearn.d_i_mode"):
+        method_for(UnlearnConfig(d_i_mode="most"))
+    out = tmp_path / "m2"
+    done = subprocess.run([sys.executable, "-m", "pipelines.unlearn", "--model", "tiny", "--data", str(small_data),
+                           "--forget", "forget_10", "--method", "forgetful", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-1500:]
+    assert "unknown unlearning method 'forgetful'" in done.stderr and "vkd" in done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
+
+
+def _batches(data, adapter, forget_ids, n=8):
+    meta = load_meta(data)
+    rows = list(read_rows(data, TRAIN_SPLIT))
+    image_rows = [r for r in rows if r.get("image") is not None]
+    forget = [s for r in image_rows if r["ID"] in forget_ids for s in train_sequences(r)][:n]
+    retain = [s for r in image_rows if r["ID"] not in forget_ids for s in train_sequences(r)][::3][:n]
+    tok = Tokenize(adapter, 96)
+    as_inputs = (lambda items: model_inputs({k: torch.from_numpy(v) for k, v in tok(items).items()}, keys=True))
+    assert meta.entities
+    return as_inputs(forget), as_inputs(retain)
+
+
+@pytest.mark.parametrize("name", ["ga", "gd", "kl", "npo", "mmunlearner", "vkd"])
+def test_every_method_raises_the_forget_loss(name, small_data, tiny_path):
+    """A few optimizer steps of each method's loss make the forget answers less likely."""
+    adapter = ModelAdapter.load(tiny_path)
+    forget_ids = set(load_meta(small_data).entity_ids("forget_10"))
+    forget, retain = _batches(small_data, adapter, forget_ids)
+    cfg = UnlearnConfig(method=name)
+    method = method_for(cfg)
+    ctx = StepContext(adapter=adapter, cfg=cfg, reference=ModelAdapter.load(tiny_path).model)
+    if method.distills:
+        feats = visual_features(adapter, retain["pixel_values"], [])
+        ctx.teacher = {int(k): {n: f[i] for n, f in feats.items()} for i, k in enumerate(retain["image_key"])}
+    from vkd.methods import nll
+
+    def forget_nll():
+        with torch.no_grad():
+            return float(nll(adapter.model, {k: v for k, v in forget.items() if k != "image_key"}))
+
+    before = forget_nll()
+    params = [p for p in adapter.model.parameters()]
+    opt = torch.optim.Adam(params, lr=2e-3)
+    for _ in range(4):
+        batches = {s: dict(b) for s, b in (("forget", forget), ("retain", retain)) if s in method.streams}
+        loss, metrics = method.loss(adapter.model, batches, ctx)
+        assert torch.isfinite(loss) and "loss" in metrics
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert forget_nll() > before + 0.05, (name, before, forget_nll())
+
+
+def test_the_vkd_term_pulls_retain_features_to_the_teacher(small_data, tiny_path):
+    """Start from a student whose projector is perturbed; train on the VKD loss with a
+    bounded forget term (refusal) and no retain cross-entropy: with beta the retain features
+    return towards the teacher's, without it they do not."""
+    teacher = ModelAdapter.load(tiny_path)
+    forget_ids = set(load_meta(small_data).entity_ids("forget_10"))
+    forget, retain = _batches(small_data, teacher, forget_ids)
+    feats = visual_features(teacher, retain["pixel_values"], [1])
+    table = {int(k): {n: f[i] for n, f in feats.items()} for i, k in enumerate(retain["image_key"])}
+
+    def distance_after(beta: float) -> tuple[float, float]:
+        student = ModelAdapter.load(tiny_path)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in student.model.model.multi_modal_projector.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        cfg = UnlearnConfig(method="vkd", beta=beta, retain_weight=0.0, forget_loss="refusal", vkd_layers=[1])
+        ctx = StepContext(adapter=student, cfg=cfg, teacher=table)
+        method = method_for(cfg)
+        start = float(feature_distance(visual_features(student, retain["pixel_values"], [])["projector"],
+                                       feats["projector"], "mse"))
+        params = [p for n, p in student.model.named_parameters() if "projector" in n or "vision" in n]
+        opt = torch.optim.Adam(params, lr=1e-3)
+        for _ in range(15):
+            loss, _ = method.loss(student.model, {"forget": dict(forget), "retain": dict(retain)}, ctx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        end = float(feature_distance(visual_features(student, retain["pixel_values"], [])["projector"],
+                                     feats["projector"], "mse"))
+        return start, end
+
+    start, pulled = distance_after(10.0)
+    _, free = distance_after(0.0)
+    assert pulled < 0.5 * start, (start, pulled)
+    assert pulled < 0.5 * free, (pulled, free)
+
+
+def test_vkd_run_on_ray_keeps_the_llm_and_the_pruned_neurons(small_data, tiny_path, tmp_path, ray_local,
+                                                             monkeypatch):
+    """VKD end to end on 2 DeepSpeed workers: the LLM bit-identical, pruned neurons stay
+    zero, frozen vision layers unchanged, updates confined to the Fisher mask, before/after
+    metrics, report and a registered model."""
+    from pipelines.unlearn import run_unlearn
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = [f"model.{k}={v}" for k, v in dataclasses.asdict(SMALL_MODEL).items()] + [
+        "train.workers=2", "train.cpus_per_worker=1", "train.max_length=96", "unlearn.steps=6", "unlearn.lr=5e-3",
+        "unlearn.batch_size=4", "unlearn.stat_batches=2", "unlearn.retain_rows=12", "unlearn.d_i=0.05",
+        "unlearn.d_f=0.2", "unlearn.vision_layers=1", "eval.retain_entities=2", "eval.generation=false",
+        "eval.max_rows=1", "eval.references=3", f"mlflow.sqlite_file={tmp_path / 'mlflow.db'}",
+        f"mlflow.artifact_dir={tmp_path / 'mlruns'}"]
+    cfg = load_config(None, overrides)
+    out = tmp_path / "unlearned"
+    figures = run_unlearn(cfg, str(tiny_path), small_data, "forget_10", out)
+
+    base = dict(ModelAdapter.load(tiny_path).model.named_parameters())
+    after_adapter = ModelAdapter.load(out)
+    after = dict(after_adapter.model.named_parameters())
+    groups = after_adapter.param_groups()
+    for name, _ in groups["llm"]:
+        assert torch.equal(after[name], base[name]), f"LLM weight {name} changed"
+    first_layer = after_adapter.family.vision_layers + "0."
+    for name, _ in groups["vision"]:
+        if name.startswith(first_layer):
+            assert torch.equal(after[name], base[name]), f"frozen vision layer weight {name} changed"
+
+    pruning = json.loads((out / "pruning.json").read_text())
+    assert 0 < sum(len(v) for v in pruning.values())
+    modules = neuron_modules(after_adapter)
+    for module, neurons in pruning.items():
+        weight = modules[module].weight
+        assert torch.all(weight[:, neurons] == 0), f"a pruned neuron of {module} came back"
+        assert not torch.all(base[f"{module}.weight"][:, neurons] == 0)
+
+    trainable = trainable_names(after_adapter, "visual", 1)
+    changed = sum(int((after[n] != base[n]).sum()) for n in trainable)
+    total = sum(after[n].numel() for n in trainable)
+    zeroed = sum(len(v) * modules[m].weight.shape[0] for m, v in pruning.items())
+    assert 0 < changed <= 0.2 * total + zeroed + 1, (changed, total, zeroed)
+
+    assert set(figures["before"]) == set(figures["after"]) >= {"forget_vqa", "retain_vqa", "forget_qa"}
+    assert figures["after"]["forget_qa"] == figures["before"]["forget_qa"]  # text path untouched
+    assert (out / "report.md").is_file() and (out / "report.png").stat().st_size > 1000
+    assert figures["version"] == 1 and figures["registered_name"].endswith("-unlearned")
+
+
+def test_the_relearning_attack_holds_entities_out():
+    from pipelines.relearn import attack_split
+    from vkd.config import ConfigError
+
+    ids = [f"e{i}" for i in range(6)]
+    attack, held = attack_split(ids, 0.25, seed=0)
+    assert len(attack) == 2 and len(held) == 4 and not set(attack) & set(held) and set(attack) | set(held) == set(ids)
+    assert attack_split(ids, 0.25, seed=0) == (attack, held)
+    assert len(attack_split(ids, 0.99, seed=0)[1]) == 1  # at least one entity stays held out
+    with pytest.raises(ConfigError, match="relearn.fraction"):
+        attack_split(ids, 1.0, seed=0)
