@@ -11,7 +11,7 @@ STAGES = {
     "evaluate": "multiple-choice, generation and cloze metrics on Ray Data",
     "unlearn": "make a model forget what the forget split's entities look like (vkd or a baseline)",
     "relearn": "the relearning attack on an unlearned model: Accuracy Gap on held-out forget entities",
-    "demo": "prepare the demo benchmark and evaluate a model on it, printing a table",
+    "demo": "the main job end to end: prepare, vanilla, evaluate, unlearn (VKD), printing the tables",
 }
 
 

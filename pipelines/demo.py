@@ -4,7 +4,8 @@
 
 prepare (the demo benchmark; reused when the same settings made it before) -> vanilla
 (Ray Train + DeepSpeed fine-tuning of the tiny model, an MLflow run and a registered model)
--> evaluate (Ray Data), ending with the results table and how to open the MLflow UI.
+-> evaluate (Ray Data) -> unlearn (VKD on the forget split, evaluated before and after),
+ending with the results tables and how to open the MLflow UI.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from typing import Sequence
 from pipelines.common import parse, parser, resolve_config, run_main
 from pipelines.evaluate import format_table
 from pipelines.tracking import ui_hint
+from pipelines.unlearn import run_unlearn
 from pipelines.vanilla import run_vanilla
 from vkd.data import prepare_benchmark
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = parser("demo", "prepare the demo benchmark, train and evaluate the vanilla model, print a table")
+    p = parser("demo", "prepare the demo benchmark, train and evaluate the vanilla model, unlearn, print the tables")
     p.add_argument("--workdir", default="runs/demo", help="where the benchmark, models and results go")
     p.add_argument("--forget", default="forget_10")
     args = parse(p, argv)
@@ -37,20 +39,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         start = time.perf_counter()
         kind = settings.pop("kind")
         meta = prepare_benchmark(kind, data, **settings)
-        print(f"[1/3 prepare] the {kind} benchmark ({len(meta.entities)} entities) in {data} "
+        print(f"[1/4 prepare] the {kind} benchmark ({len(meta.entities)} entities) in {data} "
               f"in {time.perf_counter() - start:.1f} s")
     else:
-        print(f"[1/3 prepare] reusing the benchmark in {data}")
+        print(f"[1/4 prepare] reusing the benchmark in {data}")
     out = work / f"vanilla-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"[2/3 vanilla] {cfg.train.workers} Ray Train workers, DeepSpeed ZeRO-{cfg.train.zero_stage} -> {out}")
+    print(f"[2/4 vanilla] {cfg.train.workers} Ray Train workers, DeepSpeed ZeRO-{cfg.train.zero_stage} -> {out}")
     figures = run_vanilla(cfg, str(data), out, "tiny", args.forget)
     n = figures["counts"]
-    print(f"\n[3/3 evaluate] the vanilla model on {args.forget} ({sum(n.values())} items through Ray Data):")
+    print(f"\n[3/4 evaluate] the vanilla model on {args.forget} ({sum(n.values())} items through Ray Data):")
     print(format_table(figures["metrics"], n))
     print(f"\nvanilla model: {out} (trained in {figures['train_seconds']:.0f} s, {figures['steps']} steps)")
     version = figures["version"]
     print(f"MLflow run {figures['run_id']}" + (f"; registered model {figures['registered_name']} version {version}, "
                                                "alias vanilla" if version else ""))
+    unlearned = work / f"unlearned-{cfg.unlearn.method}-{out.name.split('-', 1)[1]}"
+    print(f"\n[4/4 unlearn] {cfg.unlearn.method} on {args.forget}, {cfg.unlearn.steps} steps -> {unlearned}")
+    result = run_unlearn(cfg, str(out), str(data), args.forget, unlearned)
+    print(format_table(result["after"], result["counts"], {"vanilla": result["before"], "unlearned": result["after"]}))
+    print(f"\nunlearned in {result['unlearn_seconds']:.0f} s (statistics pass included); report {unlearned}/report.md")
+    if result.get("version"):
+        print(f"registered model {result['registered_name']} version {result['version']}")
     print(ui_hint(cfg.mlflow))
 
 

@@ -153,11 +153,12 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str, out: str
                 tags: dict[str, str] | None = None, register: bool = True) -> dict[str, Any]:
     """Unlearn ``forget``'s entities from ``model`` into ``out`` (which must not exist).
     Returns the figures: before, after, seconds, version, run id."""
-    out = refuse_existing(out, overwrite=False)
+    out = refuse_existing(out, overwrite=False).resolve()  # workers run elsewhere: absolute paths only
     method = method_for(cfg.unlearn)
     meta = load_meta(data)
     meta.entity_ids(forget)
     base = resolve_model(model, cfg.model, data)
+    data = Path(data).resolve()
     init_ray(cfg)
     tcfg = unlearn_train_config(cfg)
     plans = stream_plans(cfg, method, data, forget)
@@ -174,7 +175,7 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str, out: str
             prep = prepare_method(cfg, method, base, data, plans, tcfg, work)
             figures.update(prep["figures"])
             datasets = {s: train_dataset(data, prep["fields"]["model_path"], tcfg, plans[s]) for s in method.streams}
-            job = TrainJob(out_dir=str(out.resolve()), cfg=tcfg, total_steps=tcfg.max_steps, method=cfg.unlearn.method,
+            job = TrainJob(out_dir=str(out), cfg=tcfg, total_steps=tcfg.max_steps, method=cfg.unlearn.method,
                            unlearn=dataclasses.asdict(cfg.unlearn), reference_path=str(base),
                            mlflow={"tracking_uri": tracking_uri(cfg.mlflow), "run_id": run.info.run_id},
                            name=f"unlearn-{cfg.unlearn.method}", **prep["fields"])

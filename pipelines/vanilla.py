@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipelines.common import init_ray, parse, parser, refuse_existing, resolve_config, run_main
-from pipelines.evaluate import evaluate_on_ray, format_table
+from pipelines.evaluate import cached_evaluation, format_table
 from pipelines.tracking import log_model, stage_run, tracking_uri
 from pipelines.trainer import TrainJob, run_training, steps_for, train_datasets
 from vkd.config import Config
 from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows
-from vkd.eval import aggregate, counts
 from vkd.model import resolve_model
 
 
@@ -51,8 +50,8 @@ def run_vanilla(cfg: Config, data: str | Path, out: str | Path, model: str = "ti
         mlflow.log_metrics({"train_seconds": figures["train_seconds"], "train_items": n_items, "train_steps": total})
         print(f"trained {total} steps on {n_items} sequences in {figures['train_seconds']:.0f} s -> {out}")
         if evaluate:
-            results = evaluate_on_ray(out, data, forget, cfg.eval)
-            figures["metrics"], figures["counts"] = aggregate(results), counts(results)
+            # cached: an unlearning run from this model finds its "before" evaluation done
+            figures["metrics"], figures["counts"] = cached_evaluation(out, data, forget, cfg.eval)
             mlflow.log_metrics({f"eval/{k}": v for k, v in figures["metrics"].items()})
             (out / "metrics.json").write_text(json.dumps(figures["metrics"], indent=1, sort_keys=True))
         name = f"vkd-{meta.name}-vanilla"
