@@ -1,0 +1,53 @@
+"""Search spaces load and validate with errors that name the field; the study objective."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from vkd.config import ConfigError
+from vkd.study import load_space, objective
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tune_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_space_loads(path):
+    space = load_space(path)
+    assert space.parameters and space.name == path.stem
+
+
+def test_the_thresholds_grid_has_twelve_trials():
+    space = load_space(ROOT / "tune_spaces" / "thresholds_grid.yaml")
+    assert space.grid_size() == 12 and len(space.grid_points()) == 12
+    assert {"unlearn.d_i", "unlearn.d_f"} == set(space.parameters)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("parameters: {unlearn.betta: {grid: [1.0]}}", "unknown field unlearn.betta"),
+    ("parameters: {unlearn.beta: {grid: [high]}}", "unlearn.beta: expected a number"),
+    ("parameters: {unlearn.beta: {normal: [0, 1]}}", "parameters.unlearn.beta: give exactly one of"),
+    ("search: random\nparameters: {unlearn.lr: {uniform: [2.0e-3, 1.0e-3]}}", "low < high"),
+    ("search: optuna\nparameters: {unlearn.d_f: {grid: [0.1]}}", "use choice"),
+    ("scheduler: hyperband\nparameters: {unlearn.beta: {grid: [1.0]}}", "scheduler: 'hyperband'"),
+    ("trials: 0\nparameters: {unlearn.beta: {grid: [1.0]}}", "trials: must be a positive integer"),
+    ("sampler: tpe\nparameters: {unlearn.beta: {grid: [1.0]}}", "unknown field sampler"),
+    ("parameters: {unlearn.beta: {grid: [1.0]}}\nfixed: {unlearn.steps: many}", "fixed.unlearn.steps"),
+])
+def test_a_bad_space_names_the_field(tmp_path, body, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_space(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_space(Path(tmp_path / "missing.yaml"))
+
+
+def test_the_objective_rewards_forgetting_and_keeping():
+    before = {"forget_vqa": 0.85, "test_vqa": 0.85, "forget_qa": 0.9, "retain_vqa": 0.9, "retain_qa": 0.9}
+    assert objective(before, before)["objective"] == pytest.approx(0.5)
+    ideal = {**before, "forget_vqa": 0.25, "test_vqa": 0.25}
+    assert objective(before, ideal)["objective"] == pytest.approx(1.0)
+    below = {**before, "forget_vqa": 0.05, "test_vqa": 0.1}
+    assert objective(before, below)["objective"] == pytest.approx(1.0)  # no extra credit below chance
+    damaged = {**ideal, "retain_vqa": 0.45}
+    assert objective(before, damaged)["preservation"] == pytest.approx((1 + 0.5 + 1) / 3)

@@ -1,0 +1,163 @@
+"""Sensitivity studies: search spaces as YAML files, validated at load, and the study objective.
+
+A space file (``tune_spaces/*.yaml``)::
+
+    name: thresholds_grid
+    search: grid                 # grid | random | optuna
+    scheduler: fifo              # fifo | asha
+    trials: 1                    # samples (a grid runs every combination this many times)
+    concurrency: 2               # trials at once
+    resources: {workers: 1, cpus_per_worker: 1}
+    asha: {grace_period: 1, reduction_factor: 2}   # with scheduler: asha
+    fixed: {unlearn.steps: 60}   # config fields every trial shares
+    parameters:                  # dotted config fields -> one distribution each
+      unlearn.d_i: {grid: [0.01, 0.02, 0.05]}
+      unlearn.d_f: {grid: [0.1, 0.2, 0.3, 0.5]}
+      unlearn.beta: {loguniform: [0.1, 30]}
+      unlearn.lr: {uniform: [5e-4, 2e-3]}
+      unlearn.vision_layers: {choice: [0, 1, 2]}
+      unlearn.stat_batches: {randint: [4, 16]}
+
+Every parameter must name a field of the run config with a value of its type (checked by
+building the config with each value), so a typo fails at load with the field named.
+
+The study objective (maximised) is documented on :func:`objective`.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vkd.config import ConfigError, load_config
+
+SEARCHES = ("grid", "random", "optuna")
+SCHEDULERS = ("fifo", "asha")
+KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+CHANCE = 0.25
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    parameters: dict[str, dict[str, list[Any]]]
+    search: str = "grid"
+    scheduler: str = "fifo"
+    trials: int = 1
+    concurrency: int = 1
+    resources: dict[str, float] = field(default_factory=lambda: {"workers": 1, "cpus_per_worker": 1})
+    asha: dict[str, int] = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def grid_size(self) -> int:
+        """Trials a grid search runs: the product of the grid sizes, times ``trials``."""
+        sizes = [len(spec["grid"]) for spec in self.parameters.values() if "grid" in spec]
+        return math.prod(sizes) * self.trials if sizes else self.trials
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        names = [n for n, spec in self.parameters.items() if "grid" in spec]
+        values = [self.parameters[n]["grid"] for n in names]
+        return [dict(zip(names, combo)) for combo in itertools.product(*values)]
+
+
+def _fail(where: str, what: str) -> ConfigError:
+    return ConfigError(f"{where}: {what}")
+
+
+def load_space(path: str | Path, base_config: str | Path | None = None) -> SearchSpace:
+    """Read and validate a space file; errors name the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search space {path} not found; pass a file from tune_spaces/")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"search space {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"search space {path} must be a mapping")
+    known = {f for f in SearchSpace.__dataclass_fields__}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise _fail(f"{path}", f"unknown field {unknown[0]}; known fields: {', '.join(sorted(known))}")
+    if not isinstance(raw.get("parameters"), dict) or not raw["parameters"]:
+        raise _fail(f"{path}", "parameters must map config fields (e.g. unlearn.beta) to distributions")
+    space = SearchSpace(name=str(raw.get("name") or path.stem),
+                        **{k: v for k, v in raw.items() if k not in ("name",)})
+    for key, allowed in (("search", SEARCHES), ("scheduler", SCHEDULERS)):
+        if getattr(space, key) not in allowed:
+            raise _fail(f"{path}: {key}", f"{getattr(space, key)!r}; choose one of {', '.join(allowed)}")
+    for key in ("trials", "concurrency"):
+        value = getattr(space, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _fail(f"{path}: {key}", f"must be a positive integer, got {value!r}")
+    res = space.resources
+    if not isinstance(res, dict) or set(res) - {"workers", "cpus_per_worker"}:
+        raise _fail(f"{path}: resources", "takes workers and cpus_per_worker")
+    if int(res.get("workers", 1)) < 1 or float(res.get("cpus_per_worker", 1)) <= 0:
+        raise _fail(f"{path}: resources", "workers must be at least 1 and cpus_per_worker positive")
+    if space.scheduler == "asha":
+        asha = space.asha
+        if not isinstance(asha, dict) or set(asha) - {"grace_period", "reduction_factor"}:
+            raise _fail(f"{path}: asha", "takes grace_period and reduction_factor")
+        if int(asha.get("grace_period", 1)) < 1 or int(asha.get("reduction_factor", 2)) < 2:
+            raise _fail(f"{path}: asha", "grace_period must be at least 1 and reduction_factor at least 2")
+    if not isinstance(space.fixed, dict):
+        raise _fail(f"{path}: fixed", "must map config fields to values")
+    for name, spec in space.parameters.items():
+        where = f"{path}: parameters.{name}"
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+            raise _fail(where, f"give exactly one of {', '.join(KINDS)} with its values")
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values:
+            raise _fail(where, f"{kind} needs a non-empty list")
+        if kind in ("uniform", "loguniform", "randint"):
+            if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+                raise _fail(where, f"{kind} needs [low, high] with low < high")
+            if kind == "loguniform" and values[0] <= 0:
+                raise _fail(where, "loguniform needs a positive low bound")
+        if kind == "grid" and space.search != "grid":
+            raise _fail(where, f"grid values need search: grid (this space searches {space.search}); use choice")
+        if kind != "grid" and space.search == "grid":
+            raise _fail(where, f"search: grid takes grid values only, not {kind}")
+        for value in values if kind in ("grid", "choice") else values[:2]:
+            _check_value(name, value, where, base_config)
+    for name, value in space.fixed.items():
+        _check_value(name, value, f"{path}: fixed.{name}", base_config)
+    return space
+
+
+def _check_value(name: str, value: Any, where: str, base_config: str | Path | None) -> None:
+    if "." not in name:
+        raise _fail(where, "name a config field as section.field, e.g. unlearn.beta")
+    try:
+        load_config(base_config, [f"{name}={yaml.safe_dump(value, default_flow_style=True).strip()}"]
+                    if not isinstance(value, str) else [f"{name}={value}"])
+    except ConfigError as err:
+        raise _fail(where, str(err)) from None
+
+
+def objective(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The study objective, in [0, 1], higher is better: the mean of *forgetting* and
+    *preservation*.
+
+    - forgetting: for forget_vqa and test_vqa, the share of the vanilla model's margin over
+      chance that is gone, clamp((v0 - v) / (v0 - 0.25), 0, 1), averaged. Falling below
+      chance earns nothing more.
+    - preservation: for forget_qa, retain_vqa and retain_qa, min(v / v0, 1), averaged.
+
+    A model that forgets nothing scores 0.5 at best; one that forgets everything and keeps
+    everything scores 1."""
+    def gone(key: str) -> float:
+        margin = before[key] - CHANCE
+        if margin <= 0:
+            return 0.0
+        return min(max((before[key] - after[key]) / margin, 0.0), 1.0)
+
+    forgetting = (gone("forget_vqa") + gone("test_vqa")) / 2
+    keys = ("forget_qa", "retain_vqa", "retain_qa")
+    preservation = sum(min(after[k] / before[k], 1.0) if before[k] > 0 else 1.0 for k in keys) / len(keys)
+    return {"objective": (forgetting + preservation) / 2, "forgetting": forgetting, "preservation": preservation}
