@@ -8,7 +8,8 @@ For each method: `unlearn` (the same steps, batch size, retain rows and evaluati
 the learning rate of ``--lr-full`` for the full-model methods, the config's for vkd), then the
 relearning attack on its result. The table: the five multiple-choice keys, ROUGE-L of the
 image questions, unlearning wall time (statistics pass included) and the attack's Accuracy
-Gap. Then GD runs with 1x, 2x, 4x ... the budget until its forget_vqa is at most VKD's; the
+Gap. Then GD runs with fewer steps (1/2, 1/4, ... while it still forgets as much) or more (2x,
+4x, ... until it does) to find its smallest budget whose forget_vqa is at most VKD's; the
 ratio of that run's wall time to VKD's is the speed-up.
 
 VANILLA and DATA: `make demo` leaves them under runs/demo/.
@@ -44,8 +45,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="vkd-methods-", dir="runs" if Path("runs").is_dir() else None))
     rows = {}
 
-    def unlearn(method: str, scale: int = 1) -> dict:
-        u = dataclasses.replace(base.unlearn, method=method, steps=base.unlearn.steps * scale,
+    def unlearn(method: str, scale: float = 1) -> dict:
+        u = dataclasses.replace(base.unlearn, method=method, steps=max(1, round(base.unlearn.steps * scale)),
                                 lr=base.unlearn.lr if method == "vkd" else args.lr_full)
         cfg = dataclasses.replace(base, unlearn=u)
         return run_unlearn(cfg, args.model, args.data, args.forget, work / f"{method}-x{scale}",
@@ -70,17 +71,22 @@ def main() -> None:
                   + f"{a.get('forget_vqa_rougeL', float('nan')):>11.3f}{r['unlearn_seconds']:>9.0f}{r['ag']:>+8.3f}")
         if "vkd" in rows and "gd" in rows:
             target, vkd_s = rows["vkd"]["after"]["forget_vqa"], rows["vkd"]["unlearn_seconds"]
-            scale, gd = 1, rows["gd"]
-            while gd["after"]["forget_vqa"] > target and scale < args.max_scale:
-                scale *= 2
-                gd = unlearn("gd", scale)
-                print(f"gd x{scale}: forget_vqa {gd['after']['forget_vqa']:.3f} in {gd['unlearn_seconds']:.0f} s",
-                      flush=True)
+            scale, gd = 1.0, rows["gd"]
             reached = gd["after"]["forget_vqa"] <= target
+            step = 0.5 if reached else 2.0
+            while (step < 1 and scale * step * base.unlearn.steps >= 4) or (step > 1 and scale < args.max_scale):
+                trial = unlearn("gd", scale * step)
+                print(f"gd x{scale * step:g}: forget_vqa {trial['after']['forget_vqa']:.3f} "
+                      f"in {trial['unlearn_seconds']:.0f} s", flush=True)
+                if (trial["after"]["forget_vqa"] <= target) != (step < 1):
+                    if step > 1:
+                        scale, gd, reached = scale * step, trial, True
+                    break
+                scale, gd = scale * step, trial
             ratio = gd["unlearn_seconds"] / vkd_s
             print(f"\nVKD reaches forget_vqa {target:.3f} in {vkd_s:.0f} s; GD (full model) "
-                  + (f"reaches {gd['after']['forget_vqa']:.3f} with {scale}x the steps in {gd['unlearn_seconds']:.0f} s"
-                     if reached else f"is still at {gd['after']['forget_vqa']:.3f} after {scale}x the steps "
+                  + (f"reaches {gd['after']['forget_vqa']:.3f} with {scale:g}x the steps in {gd['unlearn_seconds']:.0f} s"
+                     if reached else f"is still at {gd['after']['forget_vqa']:.3f} after {scale:g}x the steps "
                                      f"({gd['unlearn_seconds']:.0f} s)")
                   + f": time ratio GD/VKD {'' if reached else '> '}{ratio:.2f}x")
     finally:
