@@ -277,28 +277,34 @@ def steps_for(n_items: int, cfg: TrainConfig) -> int:
     return max(1, math.ceil(cfg.epochs * n_items / per_step))
 
 
-def run_training(job: TrainJob, datasets: dict[str, Any], storage: str | Path, max_failures: int = 1):
-    """Train on Ray (``datasets`` from :func:`train_datasets`); copy the final Hugging Face
-    folder to ``job.out_dir``; return the Result."""
+def _torch_trainer(loop, job: Any, datasets: dict[str, Any], storage: str | Path, name: str, **run_options):
+    """A TorchTrainer running ``loop(job)`` on ``job.cfg``'s workers. Ray Train restores a
+    run from a folder of the same name, so each call gets its own: a new run never resumes
+    an older run's checkpoints."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = job.cfg
-    trainer = TorchTrainer(
-        worker_loop,
+    return TorchTrainer(
+        loop,
         train_loop_config={**asdict(job), "cfg": asdict(cfg)},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            # Ray Train restores a run from a folder of the same name: each call gets its own,
-            # so a new run never resumes an older run's checkpoints.
-            name=f"{job.name}-{Path(job.out_dir).name}-{uuid.uuid4().hex[:8]}", storage_path=str(Path(storage).resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
+        run_config=ray.train.RunConfig(name=f"{name}-{uuid.uuid4().hex[:8]}", storage_path=str(Path(storage).resolve()),
+                                       **run_options),
         datasets=datasets,
     )
+
+
+def run_training(job: TrainJob, datasets: dict[str, Any], storage: str | Path, max_failures: int = 1):
+    """Train on Ray (``datasets`` from :func:`train_datasets`); copy the final Hugging Face
+    folder to ``job.out_dir``; return the Result."""
+    import ray.train
+
+    trainer = _torch_trainer(worker_loop, job, datasets, storage, f"{job.name}-{Path(job.out_dir).name}",
+                             failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         hf = Path(d) / "hf"
@@ -404,20 +410,9 @@ def stats_loop(job_dict: dict[str, Any]) -> None:
 def run_stats(job: StatsJob, datasets: dict[str, Any], storage: str | Path) -> dict[str, Any]:
     """Run the statistics pass; returns {"forget": SplitStats, "retain": SplitStats,
     "teacher": {image key: features}}."""
-    import ray.train
     import torch
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg = job.cfg
-    trainer = TorchTrainer(
-        stats_loop,
-        train_loop_config={**asdict(job), "cfg": asdict(cfg)},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=f"stats-{uuid.uuid4().hex[:8]}", storage_path=str(Path(storage).resolve())),
-        datasets=datasets,
-    )
+    trainer = _torch_trainer(stats_loop, job, datasets, storage, "stats")
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         return torch.load(Path(d) / "stats.pt", weights_only=False)

@@ -15,7 +15,7 @@ from tests.conftest import ROOT, SMALL_MODEL
 from vkd.config import UnlearnConfig, load_config
 from vkd.data.items import train_sequences
 from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows
-from vkd.methods import METHODS, StepContext, feature_distance, method_for, visual_features
+from vkd.methods import StepContext, feature_distance, method_for, visual_features
 from vkd.model import ModelAdapter
 from vkd.registry import UnknownName
 from vkd.saliency import SplitStats, fisher_mask, neuron_modules, pruned_neurons, select

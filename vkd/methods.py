@@ -201,7 +201,6 @@ class VKD(Method):
     trainable = "visual"
     streams = ("forget", "retain")
     retain_text = False            # text-only pairs never reach the visual module
-    needs_reference = False
     needs_fisher = True
     prunes = True
     distills = True
