@@ -11,6 +11,7 @@ STAGES = {
     "evaluate": "multiple-choice, generation and cloze metrics on Ray Data",
     "unlearn": "make a model forget what the forget split's entities look like (vkd or a baseline)",
     "relearn": "the relearning attack on an unlearned model: Accuracy Gap on held-out forget entities",
+    "tune": "a sensitivity study over a search space (tune_spaces/*.yaml) on Ray Tune",
     "demo": "the main job end to end: prepare, vanilla, evaluate, unlearn (VKD), printing the tables",
 }
 

@@ -35,6 +35,7 @@ class TrainJob:
     reference_path: str | None = None  # frozen reference model (methods that need one)
     teacher_path: str | None = None    # torch.save'd {image key: {feature name: tensor}}
     mlflow: dict[str, str] = field(default_factory=dict)   # tracking_uri, run_id
+    probe: dict[str, Any] = field(default_factory=dict)    # in-run evaluation (see Probe): data, forget, eval, before, every
     name: str = "train"
     fault_at_step: int = 0             # test-only fault hook: rank 0 dies once at this step,
     fault_marker: str = ""             # leaving this file behind so it dies only once
@@ -122,16 +123,53 @@ def train_datasets(data: str | Path, model_path: str, cfg: TrainConfig) -> dict[
     return out
 
 
-def _save_hf(engine, adapter, path: Path, rank: int, zero_stage: int) -> None:
+def _whole_params(engine, zero_stage: int):
+    """Every rank enters: under ZeRO-3 the full parameters are gathered for the block."""
     import contextlib
 
     import deepspeed
 
-    params = list(engine.module.parameters())
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else contextlib.nullcontext()
-    with ctx:
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
+def _save_hf(engine, adapter, path: Path, rank: int, zero_stage: int) -> None:
+    with _whole_params(engine, zero_stage):
         if rank == 0:
             adapter.save(path)
+
+
+class Probe:
+    """Rank 0's evaluation during a run (a tune trial's intermediate results): the
+    multiple-choice items of ``eval`` (its ``max_rows`` and ``retain_entities``; generation
+    is skipped, the objective needs none) scored on the model as it trains, with the study
+    objective against ``before``, the starting model's scores on the same items."""
+
+    def __init__(self, spec: dict[str, Any]):
+        from vkd.config import EvalConfig
+        from vkd.data.items import eval_items, eval_plan, reference_images
+
+        cfg = EvalConfig(**spec["eval"])
+        data, forget = spec["data"], spec["forget"]
+        self.items = eval_items(data, forget, cfg.max_rows, generation=False,
+                                plan=eval_plan(data, forget, cfg.retain_entities))
+        self.references = reference_images(data, forget, cfg.references)
+        self.before, self.batch_size = spec["before"], cfg.batch_size
+
+    def __call__(self, adapter) -> dict[str, float]:
+        import torch
+
+        from vkd.eval import aggregate, evaluate_items
+        from vkd.study import objective
+
+        model = adapter.model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            after = aggregate(evaluate_items(adapter, self.items, self.references, self.batch_size))
+        model.train(was_training)
+        return {**{f"eval/{k}": v for k, v in after.items()}, **objective(self.before, after)}
 
 
 def worker_loop(job_dict: dict[str, Any]) -> None:
@@ -191,6 +229,7 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
         from mlflow.tracking import MlflowClient
 
         tracker = MlflowClient(job.mlflow["tracking_uri"])
+    probe = Probe(job.probe) if job.probe and rank == 0 else None
     bar = None
     if rank == 0:
         from tqdm import tqdm
@@ -258,7 +297,20 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
             for k, v in report.items():
                 if k not in ("step", "resumed_from"):
                     tracker.log_metric(job.mlflow["run_id"], f"train/{k}", float(v), step=step)
-        if step % cfg.checkpoint_every == 0 or done:
+        checkpoint_due = step % cfg.checkpoint_every == 0 or done
+        # with a probe, every result carries the objective (Tune's schedulers insist)
+        probe_due = bool(job.probe) and (step % job.probe["every"] == 0 or checkpoint_due)
+        if probe_due:
+            with _whole_params(engine, cfg.zero_stage):
+                if probe is not None:
+                    report.update(probe(adapter))
+            if tracker is not None:
+                for k, v in report.items():
+                    if k.startswith("eval/") or k in ("objective", "forgetting", "preservation"):
+                        tracker.log_metric(job.mlflow["run_id"], k, float(v), step=step)
+        if probe_due and not checkpoint_due:
+            ray.train.report(report)
+        if checkpoint_due:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(tmp, tag="ds")
                 if rank == 0:
@@ -280,8 +332,10 @@ def steps_for(n_items: int, cfg: TrainConfig) -> int:
 def _torch_trainer(loop, job: Any, datasets: dict[str, Any], storage: str | Path, name: str, **run_options):
     """A TorchTrainer running ``loop(job)`` on ``job.cfg``'s workers. Ray Train restores a
     run from a folder of the same name, so each call gets its own: a new run never resumes
-    an older run's checkpoints."""
+    an older run's checkpoints. Datasets keep their order (a seed gives the same batches, so
+    a tune trial and its rerun from best.yaml train alike)."""
     import ray.train
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = job.cfg
@@ -294,17 +348,21 @@ def _torch_trainer(loop, job: Any, datasets: dict[str, Any], storage: str | Path
         run_config=ray.train.RunConfig(name=f"{name}-{uuid.uuid4().hex[:8]}", storage_path=str(Path(storage).resolve()),
                                        **run_options),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
 
 
-def run_training(job: TrainJob, datasets: dict[str, Any], storage: str | Path, max_failures: int = 1):
+def run_training(job: TrainJob, datasets: dict[str, Any], storage: str | Path, max_failures: int = 1,
+                 callbacks: list[Any] | None = None):
     """Train on Ray (``datasets`` from :func:`train_datasets`); copy the final Hugging Face
-    folder to ``job.out_dir``; return the Result."""
+    folder to ``job.out_dir``; return the Result. ``callbacks``: Ray Train callbacks (a tune
+    trial passes Tune's report callback)."""
     import ray.train
 
     trainer = _torch_trainer(worker_loop, job, datasets, storage, f"{job.name}-{Path(job.out_dir).name}",
                              failure_config=ray.train.FailureConfig(max_failures=max_failures),
-                             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
+                             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                             callbacks=callbacks or [])
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         hf = Path(d) / "hf"
@@ -327,6 +385,7 @@ class StatsJob:
     importance: bool = False
     fisher_names: list[str] = field(default_factory=list)   # parameters to collect Fisher on
     teacher_layers: list[int] | None = None                 # None: no teacher features
+    splits: list[str] = field(default_factory=lambda: ["forget", "retain"])  # which streams to measure
 
 
 def stats_loop(job_dict: dict[str, Any]) -> None:
@@ -357,7 +416,7 @@ def stats_loop(job_dict: dict[str, Any]) -> None:
     params = dict(model.named_parameters())
 
     stats = {}
-    for split in ("forget", "retain"):
+    for split in job.splits:
         # zeros first, so every rank all-reduces the same tensors even with an empty shard
         st = SplitStats(fisher={n: torch.zeros_like(params[n], dtype=torch.float32) for n in job.fisher_names})
         if job.importance:
@@ -400,15 +459,13 @@ def stats_loop(job_dict: dict[str, Any]) -> None:
                 teacher.update(part)
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
-            torch.save({"forget": stats["forget"], "retain": stats["retain"], "teacher": teacher},
-                       Path(tmp) / "stats.pt")
-        ray.train.report({"forget_batches": stats["forget"].batches, "retain_batches": stats["retain"].batches,
-                          "teacher_images": len(teacher)},
+            torch.save({**stats, "teacher": teacher}, Path(tmp) / "stats.pt")
+        ray.train.report({**{f"{s}_batches": st.batches for s, st in stats.items()}, "teacher_images": len(teacher)},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
 def run_stats(job: StatsJob, datasets: dict[str, Any], storage: str | Path) -> dict[str, Any]:
-    """Run the statistics pass; returns {"forget": SplitStats, "retain": SplitStats,
+    """Run the statistics pass; returns {split: SplitStats for each of ``job.splits``,
     "teacher": {image key: features}}."""
     import torch
 

@@ -27,6 +27,7 @@ from vkd.config import Config, TrainConfig
 from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows, retain_split
 from vkd.eval import DIRECTIONS, aggregate, counts
 from vkd.methods import Method, method_for
+from vkd.study import objective
 from vkd.model import resolve_model
 from vkd.train import sample_rows
 
@@ -57,6 +58,101 @@ def stream_plans(cfg: Config, method: Method, data: str | Path, forget: str) -> 
     }
 
 
+def cache_root() -> Path:
+    import os
+
+    return Path(os.environ.get("VKD_CACHE", ".vkd/cache"))
+
+
+def stats_keys(cfg: Config, method: Method, model: Path, data: str | Path, plans: dict[str, RowPlan],
+               tcfg: TrainConfig, trainable: list[str]) -> dict[str, str]:
+    """Cache keys of what the statistics pass measures, one per part: the forget stream's
+    and the retain stream's importance and Fisher, and the teacher's features. A part's key
+    holds everything its value depends on (model and data content, the stream's rows, the
+    measuring settings) and nothing else, so requests and trials that differ only in, say,
+    their forget entities or thresholds share the retain side."""
+    import hashlib
+
+    from pipelines.evaluate import model_fingerprint
+    from vkd.model import data_fingerprint
+
+    u = cfg.unlearn
+    plan = {s: {k: sorted(v) if isinstance(v, frozenset) else v for k, v in dataclasses.asdict(p).items()}
+            for s, p in plans.items()}
+    common = {"model": model_fingerprint(model), "data": data_fingerprint(data), "max_length": tcfg.max_length}
+    measure = {**common, "criterion": u.importance, "importance": method.prunes, "stat_batches": u.stat_batches,
+               "fisher": sorted(trainable) if method.needs_fisher else [], "batch_size": tcfg.batch_size,
+               "workers": tcfg.workers}
+    parts = {"forget": {**measure, "plan": plan["forget"]}, "retain": {**measure, "plan": plan["retain"]}}
+    if method.distills:
+        parts["teacher"] = {**common, "plan": plan["retain"], "layers": list(u.vkd_layers)}
+    return {name: hashlib.sha256(json.dumps({"part": name, **v}, sort_keys=True, default=str).encode()).hexdigest()[:20]
+            for name, v in parts.items()}
+
+
+def cached_stats(cfg: Config, method: Method, model: Path, data: str | Path, plans: dict[str, RowPlan],
+                 tcfg: TrainConfig, trainable: list[str], work: Path) -> tuple[dict[str, Any], list[str]]:
+    """The statistics the method needs, each part taken from ``$VKD_CACHE/stats`` when an
+    earlier run measured it and measured otherwise (on the trainer's workers) and kept.
+    Returns the parts and the names of those measured now."""
+    import os
+
+    import torch
+
+    u = cfg.unlearn
+    keys = stats_keys(cfg, method, model, data, plans, tcfg, trainable)
+    root = cache_root() / "stats"
+    found = {part: torch.load(root / f"{key}.pt", weights_only=False) for part, key in keys.items()
+             if (root / f"{key}.pt").is_file()}
+    missing = [part for part in keys if part not in found]
+    if not missing:
+        return found, []
+    splits = [s for s in ("forget", "retain") if s in missing]
+    per_split = u.stat_batches * u.batch_size * tcfg.workers
+    datasets = {split: train_dataset(data, str(model), tcfg, plans[split]).limit(per_split) for split in splits}
+    if "teacher" in missing:
+        datasets["teacher"] = train_dataset(data, str(model), tcfg, plans["retain"])
+    job = StatsJob(model_path=str(model), cfg=tcfg, criterion=u.importance, importance=method.prunes,
+                   fisher_names=trainable if method.needs_fisher else [], splits=splits,
+                   teacher_layers=list(u.vkd_layers) if "teacher" in missing else None)
+    measured = run_stats(job, datasets, storage=work / "ray")
+    root.mkdir(parents=True, exist_ok=True)
+    for part in missing:
+        tmp = root / f"{keys[part]}.{os.getpid()}.tmp"
+        torch.save(measured[part], tmp)
+        tmp.rename(root / f"{keys[part]}.pt")
+        found[part] = measured[part]
+    return found, missing
+
+
+def warm_stats(configs: list[Config], model: Path, data: str | Path, forget: str, work_parent: Path) -> None:
+    """Measure, once, the statistics that runs with these configs will ask for (a study's
+    trials, a batch's requests), so concurrent runs find them cached instead of each
+    measuring the same thing."""
+    from vkd.model import ModelAdapter
+    from vkd.train import trainable_names
+
+    adapter = ModelAdapter.load(model)
+    seen: set[tuple[str, ...]] = set()
+    for cfg in configs:
+        method = method_for(cfg.unlearn)
+        if not (method.needs_fisher or method.prunes or method.distills):
+            continue
+        tcfg = unlearn_train_config(cfg)
+        plans = stream_plans(cfg, method, data, forget)
+        trainable = trainable_names(adapter, method.trainable,
+                                    cfg.unlearn.vision_layers if method.trainable == "visual" else 0)
+        keys = tuple(sorted(stats_keys(cfg, method, model, data, plans, tcfg, trainable).values()))
+        if keys in seen:
+            continue
+        seen.add(keys)
+        work = Path(tempfile.mkdtemp(prefix=".stats-", dir=work_parent))
+        try:
+            cached_stats(cfg, method, model, data, plans, tcfg, trainable, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def prepare_method(cfg: Config, method: Method, model: Path, data: str | Path, plans: dict[str, RowPlan],
                    tcfg: TrainConfig, work: Path) -> dict[str, Any]:
     """The statistics pass and what follows from it: the starting model (pruned for VKD),
@@ -75,24 +171,18 @@ def prepare_method(cfg: Config, method: Method, model: Path, data: str | Path, p
         return {"fields": fields, "figures": figures, "pruning": pruning}
     adapter = ModelAdapter.load(model)
     trainable = trainable_names(adapter, method.trainable, u.vision_layers if method.trainable == "visual" else 0)
-    per_split = u.stat_batches * u.batch_size * tcfg.workers
-    datasets = {split: train_dataset(data, str(model), tcfg, plans[split]).limit(per_split)
-                for split in ("forget", "retain")}
-    if method.distills:
-        datasets["teacher"] = train_dataset(data, str(model), tcfg, plans["retain"])
-    job = StatsJob(model_path=str(model), cfg=tcfg, criterion=u.importance, importance=method.prunes,
-                   fisher_names=trainable if method.needs_fisher else [],
-                   teacher_layers=list(u.vkd_layers) if method.distills else None)
     start = time.perf_counter()
-    stats = run_stats(job, datasets, storage=work / "ray")
+    stats, measured = cached_stats(cfg, method, model, data, plans, tcfg, trainable, work)
     figures["stats_seconds"] = time.perf_counter() - start
+    figures["stats_measured"] = ",".join(measured) or "none (cached)"
     masks: dict[str, Any] = {}
     if method.prunes:
         # only the neurons of the layers that train (a frozen layer stays exactly as it was)
         names = set(trainable)
-        for st in (stats["forget"], stats["retain"]):
+        forget_st, retain_st = (dataclasses.replace(stats[s]) for s in ("forget", "retain"))
+        for st in (forget_st, retain_st):
             st.importance = {k: v for k, v in st.importance.items() if f"{k}.weight" in names}
-        pruned = pruned_neurons(stats["forget"], stats["retain"], u.d_i, u.d_i_mode, u.eps)
+        pruned = pruned_neurons(forget_st, retain_st, u.d_i, u.d_i_mode, u.eps)
         masks = apply_pruning(adapter, pruned)
         pruning = {k: torch.nonzero(v).flatten().tolist() for k, v in pruned.items() if v.any()}
         figures["pruned_neurons"] = int(sum(int(v.sum()) for v in pruned.values()))
@@ -150,9 +240,18 @@ def write_report(out: Path, title: str, before: dict[str, float], after: dict[st
 
 
 def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str, out: str | Path,
-                tags: dict[str, str] | None = None, register: bool = True) -> dict[str, Any]:
+                tags: dict[str, str] | None = None, register: bool = True, probes: int = 0,
+                callbacks: list[Any] | None = None, run_name: str | None = None,
+                keep_model: bool = True) -> dict[str, Any]:
     """Unlearn ``forget``'s entities from ``model`` into ``out`` (which must not exist).
-    Returns the figures: before, after, seconds, version, run id."""
+    Returns the figures: before, after, the study objective, seconds, version, run id.
+
+    ``probes`` > 0 (tune trials): the model is evaluated that many times during training,
+    on the trainer's rank 0 (multiple-choice only), each result reported to ``callbacks``;
+    the last one is the ``after`` evaluation. Otherwise ``after`` is the full evaluation on
+    Ray Data. A ``tags["mlflow.parentRunId"]`` nests the run under a parent (a study).
+    ``keep_model=False`` (tune trials): the weights are neither logged nor kept; the folder
+    keeps the config, the report and the metrics."""
     out = refuse_existing(out, overwrite=False).resolve()  # workers run elsewhere: absolute paths only
     method = method_for(cfg.unlearn)
     meta = load_meta(data)
@@ -167,7 +266,7 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str, out: str
     figures: dict[str, Any] = {"method": cfg.unlearn.method, "model": str(out)}
     work = Path(tempfile.mkdtemp(prefix=f".unlearn-{out.name}-", dir=out.parent))
     try:
-        with stage_run(cfg, "unlearn", run_tags, run_name=f"unlearn-{cfg.unlearn.method}-{forget}") as run:
+        with stage_run(cfg, "unlearn", run_tags, run_name=run_name or f"unlearn-{cfg.unlearn.method}-{forget}") as run:
             import mlflow
 
             before, n_before = cached_evaluation(base, data, forget, cfg.eval)
@@ -175,18 +274,26 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str, out: str
             prep = prepare_method(cfg, method, base, data, plans, tcfg, work)
             figures.update(prep["figures"])
             datasets = {s: train_dataset(data, prep["fields"]["model_path"], tcfg, plans[s]) for s in method.streams}
+            probe = {}
+            if probes:
+                probe = {"data": str(data), "forget": forget, "eval": dataclasses.asdict(cfg.eval), "before": before,
+                         "every": max(1, tcfg.max_steps // probes)}
             job = TrainJob(out_dir=str(out), cfg=tcfg, total_steps=tcfg.max_steps, method=cfg.unlearn.method,
                            unlearn=dataclasses.asdict(cfg.unlearn), reference_path=str(base),
                            mlflow={"tracking_uri": tracking_uri(cfg.mlflow), "run_id": run.info.run_id},
-                           name=f"unlearn-{cfg.unlearn.method}", **prep["fields"])
-            run_training(job, datasets, storage=work / "ray")
+                           probe=probe, name=f"unlearn-{cfg.unlearn.method}", **prep["fields"])
+            result = run_training(job, datasets, storage=work / "ray", callbacks=callbacks)
             figures["unlearn_seconds"] = time.perf_counter() - start
             cfg.save(out / "vkd_config.yaml")
             if method.prunes:  # {neuron module: pruned input channels}, kept at zero through training
                 (out / "pruning.json").write_text(json.dumps(prep["pruning"], indent=1))
-            results = evaluate_on_ray(out, data, forget, cfg.eval)
-            after, n_after = aggregate(results), counts(results)
-            figures.update(before=before, after=after, counts=n_after)
+            if probes:
+                after = {k[len("eval/"):]: v for k, v in result.metrics.items() if k.startswith("eval/")}
+                n_after: dict[str, int] = {}
+            else:
+                results = evaluate_on_ray(out, data, forget, cfg.eval)
+                after, n_after = aggregate(results), counts(results)
+            figures.update(before=before, after=after, counts=n_after, **objective(before, after))
             (out / "metrics.json").write_text(json.dumps({"before": before, "after": after}, indent=1, sort_keys=True))
             mlflow.log_metrics({f"before/{k}": v for k, v in before.items()})
             mlflow.log_metrics({f"after/{k}": v for k, v in after.items()})
@@ -196,9 +303,13 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str, out: str
             for path in write_report(out, title, before, after, scalars):
                 mlflow.log_artifact(str(path), artifact_path="report")
             name = f"vkd-{meta.name}-unlearned"
-            figures["version"] = log_model(run.info.run_id, out, name, [f"{cfg.unlearn.method}_{forget}"],
-                                           cfg.mlflow.register and register)
             figures["run_id"], figures["registered_name"] = run.info.run_id, name
+            if keep_model:
+                figures["version"] = log_model(run.info.run_id, out, name, [f"{cfg.unlearn.method}_{forget}"],
+                                               cfg.mlflow.register and register)
+            else:
+                for f in out.glob("*.safetensors"):
+                    f.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return figures
@@ -216,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     figures = run_unlearn(cfg, args.model, args.data, args.forget, args.out)
     print(format_table(figures["after"], figures["counts"], {"before": figures["before"], "after": figures["after"]}))
     secs = figures["unlearn_seconds"]
+    print(f"study objective {figures['objective']:.4f} (forgetting {figures['forgetting']:.3f}, "
+          f"preservation {figures['preservation']:.3f}; vkd.study.objective)")
     print(f"{figures['method']}: unlearned in {secs:.0f} s -> {figures['model']}; report: {figures['model']}/report.md")
     if figures.get("version"):
         print(f"MLflow run {figures['run_id']}, registered {figures['registered_name']} version {figures['version']}")

@@ -61,7 +61,7 @@ class EvalConfig:
     batch_size: int = 32             # prompts per forward pass (each carries its 4 options)
     generation: bool = True          # compute *_rougeL and *_cloze (greedy decoding)
     max_new_tokens: int = 24
-    max_rows: int = 0                # questions per benchmark row and key (0: all); quick checks only
+    max_rows: int = 0                # questions per benchmark row and key, evenly spaced (0: all); quick checks, tune trials
     max_open: int = 0                # open questions (generation, cloze) per row and key (0: all)
     actors: int = 1                  # Ray Data actor-pool size, each holding one model copy
     cpus_per_actor: float = 1.0

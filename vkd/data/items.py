@@ -32,7 +32,9 @@ def _image_bytes(blob: Any) -> bytes | None:
 
 def _mc_items(prefix: str, questions: list[dict], image: bytes | None, entity: str, name: str, source: str,
               limit: int) -> Iterator[dict]:
-    for j, q in enumerate(questions[:limit or None]):
+    if limit and len(questions) > limit:  # evenly spaced, so every attribute keeps its share
+        questions = [questions[i * len(questions) // limit] for i in range(limit)]
+    for j, q in enumerate(questions):
         opts = q.get("Options") or {}
         letter = q.get("Correct_Answer")
         if letter not in LETTERS or any(opts.get(x) is None for x in LETTERS):

@@ -1,0 +1,91 @@
+"""`vkd tune`: a real Ray Tune study of real unlearning runs, killed mid-way and resumed."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+from tests.conftest import ROOT, SMALL_MODEL
+from vkd.config import load_config
+
+
+def _study_files(tmp_path):
+    config = {
+        "model": dataclasses.asdict(SMALL_MODEL),
+        "train": {"max_length": 96},
+        "unlearn": {"method": "vkd", "steps": 4, "lr": 5e-3, "batch_size": 4, "stat_batches": 1, "retain_rows": 12,
+                    "d_i": 0.05, "vision_layers": 1, "beta": 1.0},
+        "eval": {"retain_entities": 2, "generation": False, "max_rows": 2, "references": 3, "actors": 1},
+        "mlflow": {"sqlite_file": str(tmp_path / "mlflow.db"), "artifact_dir": str(tmp_path / "mlruns")},
+        "ray": {"num_cpus": 4},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    space = {"name": "tiny_grid", "search": "grid", "scheduler": "fifo", "concurrency": 1, "reports": 2,
+             "resources": {"workers": 1, "cpus_per_worker": 1}, "fixed": {"unlearn.method": "vkd"},
+             "parameters": {"unlearn.d_f": {"grid": [0.1, 0.5]}}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+
+
+def test_a_killed_study_resumes_without_rerunning_finished_trials(small_data, tiny_path, tmp_path):
+    _study_files(tmp_path)
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "pipelines.tune", "--config", str(tmp_path / "run.yaml"), "--space",
+           str(tmp_path / "space.yaml"), "--model", str(tiny_path), "--data", str(small_data), "--forget", "forget_10",
+           "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VKD_CACHE": str(tmp_path / "cache")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 420
+    while time.time() < deadline and first.poll() is None and not list(out.glob("trials/*/result.json")):
+        time.sleep(1)
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    assert list(out.glob("trials/*/result.json")), "no trial finished in time"
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and every Ray process it started
+    first.wait()
+    finished_first = {p.parent.name for p in out.glob("trials/*/result.json")}
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    trials = sorted(p for p in (out / "trials").iterdir() if p.is_dir())
+    assert len(trials) == 2 and all((t / "result.json").is_file() for t in trials)
+    for t in trials:
+        attempts = (t / "attempts.log").read_text().splitlines()
+        if t.name in finished_first:
+            assert len(attempts) == 1, f"finished trial {t.name} was trained again"
+        assert not list(t.glob("model/*.safetensors")), "trial weights are not kept"
+
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"finished"}
+    assert {float(r["unlearn.d_f"]) for r in rows} == {0.1, 0.5}
+    for r in rows:
+        assert 0.0 <= float(r["objective"]) <= 1.0
+    for name in ("trials.md", "sensitivity.png", "pareto.png", "best.yaml", "base.yaml"):
+        assert (out / name).is_file(), name
+    best = load_config(out / "best.yaml")
+    top = max(rows, key=lambda r: float(r["objective"]))
+    assert best.unlearn.d_f == float(top["unlearn.d_f"]) and best.train.workers == 1
+    assert "best trial" in again.stdout and "reproduce: vkd unlearn --config" in again.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = json.loads((out / "study.json").read_text())["parent_run_id"]
+    exp = client.get_run(parent).info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    done = [c for c in children if c.info.status == "FINISHED"]
+    assert sorted(c.data.tags["trial"] for c in done) == [t.name for t in trials]  # each trial once
+    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert "best/objective" in client.get_run(parent).data.metrics
+    arts = {a.path for a in client.list_artifacts(parent, "study")}
+    assert {"study/best.yaml", "study/trials.csv", "study/pareto.png"} <= arts
+    assert any(k.startswith("eval/") for k in done[0].data.metrics), "trials log their in-run evaluations"
