@@ -66,6 +66,15 @@ def init_ray(cfg: Config, **kwargs: Any):
     return ray
 
 
+def embedded_cpus(cfg: Config, runs: int) -> int:
+    """Logical CPUs an embedded Ray needs for ``runs`` concurrent trainers: each one's
+    workers plus a CPU for its data actors, and one more for Ray Data's read and map tasks
+    (without it, trainers holding every CPU wait forever on data that cannot be read)."""
+    import math
+
+    return int(math.ceil(runs * (cfg.train.workers * cfg.train.cpus_per_worker + 1) + 1))
+
+
 def refuse_existing(path: str | Path, overwrite: bool, flag: str = "--out") -> Path:
     path = Path(path)
     if path.exists() and not overwrite:

@@ -20,7 +20,7 @@ import pandas as pd
 from pipelines.common import parse, init_ray, parser, refuse_existing, resolve_config, run_main
 from vkd.config import Config, EvalConfig
 from vkd.data.items import ITEM_COLUMNS, eval_plan, expand_eval_row
-from vkd.data.layout import shard_paths
+from vkd.data.layout import ForgetSet, shard_paths
 from vkd.eval import DIRECTIONS, aggregate, counts
 from vkd.model import resolve_model
 
@@ -72,7 +72,7 @@ class ScorerActor:
         return pd.DataFrame(score_items(self.adapter, items, self.calibration, self.max_new_tokens))
 
 
-def evaluate_on_ray(model_path: str | Path, data: str | Path, forget: str, cfg: EvalConfig,
+def evaluate_on_ray(model_path: str | Path, data: str | Path, forget: "str | ForgetSet", cfg: EvalConfig,
                     plan: list[tuple[str, str, list[str] | None]] | None = None) -> list[dict]:
     """Per-item results of the evaluation (``plan``: which splits, roles and entities;
     default :func:`vkd.data.items.eval_plan`), computed by a Ray Data actor pool."""
@@ -120,7 +120,7 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_evaluation(model: str | Path, data: str | Path, forget: str, cfg: EvalConfig,
+def cached_evaluation(model: str | Path, data: str | Path, forget: "str | ForgetSet", cfg: EvalConfig,
                       cache: str | Path | None = None) -> tuple[dict[str, float], dict[str, int]]:
     """The evaluation of a model that does not change (the vanilla model before each
     unlearning run), computed once per model, benchmark, split and evaluation settings and
@@ -130,7 +130,10 @@ def cached_evaluation(model: str | Path, data: str | Path, forget: str, cfg: Eva
 
     from vkd.model import data_fingerprint
 
-    blob = json.dumps({"model": model_fingerprint(model), "data": data_fingerprint(data), "forget": forget,
+    from vkd.data.layout import forget_set, load_meta
+
+    key = forget_set(load_meta(data), forget).key()
+    blob = json.dumps({"model": model_fingerprint(model), "data": data_fingerprint(data), "forget": key,
                        "eval": asdict(cfg)}, sort_keys=True)
     root = Path(cache or os.environ.get("VKD_CACHE", ".vkd/cache")) / "eval"
     path = root / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"

@@ -7,6 +7,7 @@ never have to create it.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,19 +69,70 @@ def stage_run(cfg: Config, stage: str, tags: dict[str, str], run_name: str | Non
 def log_model(run_id: str, folder: str | Path, name: str, aliases: list[str], register: bool) -> int | None:
     """Log a Hugging Face folder as the run's ``model`` artifact; register it as a new
     version of ``name`` and point ``aliases`` at it. Returns the version."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().log_artifacts(run_id, str(folder), artifact_path="model")
+    if not register:
+        return None
+    return register_version(run_id, name, aliases)
+
+
+def register_version(run_id: str, name: str, aliases: list[str], tags: dict[str, str] | None = None,
+                     unique_tag: str | None = None) -> int:
+    """Register the run's ``model`` artifact as a version of ``name`` with ``aliases``.
+    With ``unique_tag`` (a key of ``tags``), a version that already carries that tag value
+    is reused, so a retried request never registers twice."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    client.log_artifacts(run_id, str(folder), artifact_path="model")
-    if not register:
-        return None
+    tags = {"run_id": run_id, **(tags or {})}
     try:
         client.create_registered_model(name)
     except MlflowException:
         pass  # already registered: add a version
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    version = client.create_model_version(name, source, run_id=run_id, tags={"run_id": run_id})
+    version = None
+    if unique_tag:
+        found = [v for v in client.search_model_versions(f"name = '{name}'")
+                 if v.tags.get(unique_tag) == tags[unique_tag]]
+        version = found[0] if found else None
+    if version is None:
+        source = f"{client.get_run(run_id).info.artifact_uri}/model"
+        version = client.create_model_version(name, source, run_id=run_id, tags=tags)
     for alias in aliases:
         client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
+
+
+def registered_model(spec: str, cfg: TrackingConfig) -> Path:
+    """A registered model (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``) as a local
+    Hugging Face folder, downloaded once into ``$VKD_CACHE/models``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from vkd.model import ModelError
+
+    ref = spec[len("models:/"):]
+    client = MlflowClient(tracking_uri(cfg))
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = ref.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+    except (MlflowException, ValueError) as err:
+        raise ModelError(f"model {spec}: not in the registry at {tracking_uri(cfg)} ({str(err)[:200]}); "
+                         "give a registered NAME@ALIAS or NAME/VERSION, or a model folder") from None
+    target = Path(os.environ.get("VKD_CACHE", ".vkd/cache")).resolve() / "models" / f"{name}-v{version.version}"
+    if not (target / "config.json").is_file():
+        tmp = target.with_name(f".{target.name}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp),
+                                            tracking_uri=tracking_uri(cfg))
+        inner = tmp / Path(version.source).name
+        (inner if (inner / "config.json").is_file() else tmp).rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from pipelines.common import init_ray, parse, parser, resolve_config, run_main
+from pipelines.common import embedded_cpus, init_ray, parse, parser, resolve_config, run_main
 from pipelines.evaluate import cached_evaluation
 from pipelines.tracking import experiment_id, git_sha, tracking_uri
 from vkd.config import Config, ConfigError, load_config
@@ -211,9 +211,8 @@ def run_study(cfg: Config, space: SearchSpace, model: str, data: str | Path, for
     space_file = out / "space.yaml"
     space_file.write_text(yaml.safe_dump({k: getattr(space, k) for k in SearchSpace.__dataclass_fields__},
                                          sort_keys=False))
-    need = space.concurrency * (base.train.workers * base.train.cpus_per_worker + 1)
-    if not os.environ.get("RAY_ADDRESS") and need > base.ray.num_cpus:
-        base.ray.num_cpus = int(need + 0.999)  # room for each trial's workers and its data actors
+    if not os.environ.get("RAY_ADDRESS"):
+        base.ray.num_cpus = max(base.ray.num_cpus, embedded_cpus(base, space.concurrency))
     init_ray(base)
     wall = time.perf_counter()
     cached_evaluation(base_model, data, forget, base.eval)

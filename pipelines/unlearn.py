@@ -24,7 +24,7 @@ from pipelines.evaluate import cached_evaluation, evaluate_on_ray, format_table
 from pipelines.tracking import log_model, stage_run, tracking_uri
 from pipelines.trainer import RowPlan, StatsJob, TrainJob, run_stats, run_training, train_dataset
 from vkd.config import Config, TrainConfig
-from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows, retain_split
+from vkd.data.layout import TRAIN_SPLIT, ForgetSet, forget_set, load_meta, read_rows
 from vkd.eval import DIRECTIONS, aggregate, counts
 from vkd.methods import Method, method_for
 from vkd.study import objective
@@ -41,18 +41,19 @@ def unlearn_train_config(cfg: Config) -> TrainConfig:
                                checkpoint_every=max(u.steps, 1), grad_accum=1, seed=u.seed)
 
 
-def stream_plans(cfg: Config, method: Method, data: str | Path, forget: str) -> dict[str, RowPlan]:
+def stream_plans(cfg: Config, method: Method, data: str | Path, forget: str | ForgetSet) -> dict[str, RowPlan]:
     """The forget stream (the forget entities' image pairs; answers replaced by the refusal
     target when the forget loss is ``refusal``) and the retain stream (``retain_rows`` rows
     of the other entities, image rows only when the method trains the visual module only)."""
     meta = load_meta(data)
     u = cfg.unlearn
     answer = u.refusal_answer if u.forget_loss == "refusal" else None
-    retain_ids = frozenset(meta.entity_ids(retain_split(forget)))
+    fs = forget_set(meta, forget)
+    retain_ids = frozenset(fs.retain)
     candidates = [r for r in read_rows(data, TRAIN_SPLIT, retain_ids)
                   if r.get("image") is not None or method.retain_text]
     return {
-        "forget": RowPlan(ids=frozenset(meta.entity_ids(forget)), image_only=True, answer=answer, seed=u.seed),
+        "forget": RowPlan(ids=frozenset(fs.forget), image_only=True, answer=answer, seed=u.seed),
         "retain": RowPlan(ids=retain_ids, image_only=not method.retain_text, seed=u.seed,
                           rows=sample_rows(candidates, u.retain_rows, u.seed)),
     }
@@ -125,7 +126,8 @@ def cached_stats(cfg: Config, method: Method, model: Path, data: str | Path, pla
     return found, missing
 
 
-def warm_stats(configs: list[Config], model: Path, data: str | Path, forget: str, work_parent: Path) -> None:
+def warm_stats(configs: list[Config], model: Path, data: str | Path, forget: str | ForgetSet,
+               work_parent: Path) -> None:
     """Measure, once, the statistics that runs with these configs will ask for (a study's
     trials, a batch's requests), so concurrent runs find them cached instead of each
     measuring the same thing."""
@@ -239,10 +241,10 @@ def write_report(out: Path, title: str, before: dict[str, float], after: dict[st
     return [out / "report.md", out / "report.png"]
 
 
-def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str, out: str | Path,
+def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetSet, out: str | Path,
                 tags: dict[str, str] | None = None, register: bool = True, probes: int = 0,
                 callbacks: list[Any] | None = None, run_name: str | None = None,
-                keep_model: bool = True) -> dict[str, Any]:
+                keep_model: bool = True, before: dict[str, float] | None = None) -> dict[str, Any]:
     """Unlearn ``forget``'s entities from ``model`` into ``out`` (which must not exist).
     Returns the figures: before, after, the study objective, seconds, version, run id.
 
@@ -255,21 +257,22 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str, out: str
     out = refuse_existing(out, overwrite=False).resolve()  # workers run elsewhere: absolute paths only
     method = method_for(cfg.unlearn)
     meta = load_meta(data)
-    meta.entity_ids(forget)
+    fs = forget_set(meta, forget)
     base = resolve_model(model, cfg.model, data)
     data = Path(data).resolve()
     init_ray(cfg)
     tcfg = unlearn_train_config(cfg)
     plans = stream_plans(cfg, method, data, forget)
-    run_tags = {"benchmark": meta.name, "forget": forget, "method": cfg.unlearn.method,
-                "entities": ",".join(meta.entity_ids(forget)), "base_model": str(base), **(tags or {})}
+    run_tags = {"benchmark": meta.name, "forget": fs.name, "method": cfg.unlearn.method,
+                "entities": ",".join(fs.forget), "base_model": str(base), **(tags or {})}
     figures: dict[str, Any] = {"method": cfg.unlearn.method, "model": str(out)}
     work = Path(tempfile.mkdtemp(prefix=f".unlearn-{out.name}-", dir=out.parent))
     try:
-        with stage_run(cfg, "unlearn", run_tags, run_name=run_name or f"unlearn-{cfg.unlearn.method}-{forget}") as run:
+        with stage_run(cfg, "unlearn", run_tags, run_name=run_name or f"unlearn-{cfg.unlearn.method}-{fs.name}") as run:
             import mlflow
 
-            before, n_before = cached_evaluation(base, data, forget, cfg.eval)
+            if before is None:  # the starting model's scores (a batch passes them in)
+                before, _ = cached_evaluation(base, data, forget, cfg.eval)
             start = time.perf_counter()
             prep = prepare_method(cfg, method, base, data, plans, tcfg, work)
             figures.update(prep["figures"])
@@ -298,14 +301,14 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str, out: str
             mlflow.log_metrics({f"before/{k}": v for k, v in before.items()})
             mlflow.log_metrics({f"after/{k}": v for k, v in after.items()})
             mlflow.log_metrics({k: float(v) for k, v in figures.items() if isinstance(v, (int, float))})
-            title = f"{cfg.unlearn.method} on {forget} of {meta.name}"
+            title = f"{cfg.unlearn.method} on {fs.name} of {meta.name}"
             scalars = {k: v for k, v in figures.items() if isinstance(v, (int, float))}
             for path in write_report(out, title, before, after, scalars):
                 mlflow.log_artifact(str(path), artifact_path="report")
             name = f"vkd-{meta.name}-unlearned"
             figures["run_id"], figures["registered_name"] = run.info.run_id, name
             if keep_model:
-                figures["version"] = log_model(run.info.run_id, out, name, [f"{cfg.unlearn.method}_{forget}"],
+                figures["version"] = log_model(run.info.run_id, out, name, [f"{cfg.unlearn.method}_{fs.name}"],
                                                cfg.mlflow.register and register)
             else:
                 for f in out.glob("*.safetensors"):

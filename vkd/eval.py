@@ -187,7 +187,7 @@ def generate(adapter: ModelAdapter, items: Sequence[dict], max_new_tokens: int) 
 
 def score_items(adapter: ModelAdapter, items: Sequence[dict], calibration: Calibration,
                 max_new_tokens: int = 24) -> list[dict]:
-    """One result per item: ``{key, value}``; value is 0/1 for mc and cloze, ROUGE-L F1 for gen.
+    """One result per item: ``{key, entity, value}``; value is 0/1 for mc and cloze, ROUGE-L F1 for gen.
 
     Items are computed one group at a time (same task, with or without image), each item
     alone in its padded row, so the result does not depend on batch composition."""
@@ -205,7 +205,7 @@ def score_items(adapter: ModelAdapter, items: Sequence[dict], calibration: Calib
             answers = generate(adapter, sub, max_new_tokens)
             for i, it, ans in zip(idx, sub, answers):
                 values[i] = rouge_l(ans, it["truth"]) if task == "gen" else cloze_correct(ans, it["truth"])
-    return [{"key": it["key"], "value": v} for it, v in zip(items, values)]
+    return [{"key": it["key"], "entity": it["entity"], "value": v} for it, v in zip(items, values)]
 
 
 def aggregate(results: Iterable[dict]) -> dict[str, float]:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vkd.data.layout import (
-    EVAL_SPLITS, LETTERS, TEST_SPLIT, TRAIN_SPLIT, BenchmarkError, decode_image, load_meta, read_rows,
-    retain_split,
+    EVAL_SPLITS, LETTERS, TEST_SPLIT, TRAIN_SPLIT, BenchmarkError, ForgetSet, decode_image, forget_set, load_meta,
+    read_rows,
 )
 
 ITEM_COLUMNS = ("key", "task", "entity", "name", "question", "options", "answer", "truth", "image", "source")
@@ -89,23 +89,25 @@ def expand_eval_row(row: dict[str, Any], role: str, limit: int = 0, generation: 
     return items
 
 
-def eval_plan(data: str | Path, forget: str, retain_entities: int = 0) -> list[tuple[str, str, list[str] | None]]:
-    """(split, role, entity ids or None for all) of an evaluation against ``forget``; with
-    ``retain_entities``, only that many retain entities, evenly spaced."""
+def eval_plan(data: str | Path, forget: "str | ForgetSet", retain_entities: int = 0
+              ) -> list[tuple[str, str, list[str] | None]]:
+    """(split, role, entity ids or None for all) of an evaluation against ``forget`` (a
+    forget split or a ForgetSet); with ``retain_entities``, only that many retain entities,
+    evenly spaced."""
     meta = load_meta(data)
-    retain = retain_split(forget)
-    forget_ids = meta.entity_ids(forget)
-    retain_ids = meta.entity_ids(retain)
+    fs = forget_set(meta, forget)
     if retain_entities < 0:
         raise BenchmarkError(f"eval.retain_entities must be 0 (all) or more, got {retain_entities}")
     picked = None
-    if 0 < retain_entities < len(retain_ids):
-        step = len(retain_ids) / retain_entities
-        picked = [retain_ids[int(i * step)] for i in range(retain_entities)]
-    return [(forget, "forget", None), (retain, "retain", picked), (TEST_SPLIT, "test", forget_ids)]
+    if 0 < retain_entities < len(fs.retain):
+        step = len(fs.retain) / retain_entities
+        picked = [fs.retain[int(i * step)] for i in range(retain_entities)]
+    plan = [(split, "forget", ids) for split, ids in fs.sources(meta, "forget")]
+    plan += [(split, "retain", ids) for split, ids in fs.sources(meta, "retain", picked)]
+    return plan + [(TEST_SPLIT, "test", list(fs.forget))]
 
 
-def eval_items(data: str | Path, forget: str, limit: int = 0, generation: bool = True,
+def eval_items(data: str | Path, forget: "str | ForgetSet", limit: int = 0, generation: bool = True,
                open_limit: int = 0, plan: list[tuple[str, str, list[str] | None]] | None = None) -> list[dict]:
     items: list[dict] = []
     for split, role, ids in plan or eval_plan(data, forget):
@@ -114,16 +116,18 @@ def eval_items(data: str | Path, forget: str, limit: int = 0, generation: bool =
     return items
 
 
-def reference_images(data: str | Path, forget: str, k: int) -> list[tuple[str, Any]]:
-    """``k`` profile images of retain entities, evenly spaced over the retain split, as
+def reference_images(data: str | Path, forget: "str | ForgetSet", k: int) -> list[tuple[str, Any]]:
+    """``k`` profile images of retain entities, evenly spaced over the retain rows, as
     (entity id, decoded image): the reference set that image questions are calibrated
-    against. It depends only on the benchmark and the forget split, so a vanilla and an
+    against. It depends only on the benchmark and the forget set, so a vanilla and an
     unlearned model are scored against the same pictures, none of a forget entity."""
     if k < 1:
         raise BenchmarkError(f"eval.references must be at least 1, got {k}")
-    rows = list(read_rows(data, retain_split(forget)))
+    meta = load_meta(data)
+    fs = forget_set(meta, forget)
+    rows = [r for split, ids in fs.sources(meta, "retain") for r in read_rows(data, split, ids)]
     if not rows:
-        raise BenchmarkError(f"{data}: split {retain_split(forget)} has no rows to take reference images from")
+        raise BenchmarkError(f"{data}: no retain rows of {fs.name} to take reference images from")
     picked = rows[::max(1, len(rows) // k)][:k]
     return [(r["ID"], decode_image(r["image"], r["_source"])) for r in picked]
 

@@ -112,6 +112,46 @@ class BenchmarkMeta:
         }
 
 
+@dataclass(frozen=True)
+class ForgetSet:
+    """Whom a run forgets and whom it keeps: a benchmark forget split (``forget_10`` and
+    its ``retain_90``) or any entities (a batch request: its entities, against the entities
+    no request of the batch names)."""
+    name: str
+    forget: tuple[str, ...]
+    retain: tuple[str, ...]
+    split: str | None = None           # the benchmark forget split, when it is one
+
+    def key(self) -> str:
+        return self.split or f"{self.name}:{','.join(self.forget)}|{','.join(self.retain)}"
+
+    def sources(self, meta: "BenchmarkMeta", role: str,
+                ids: Iterable[str] | None = None) -> list[tuple[str, list[str] | None]]:
+        """(evaluation split, entity ids) pairs holding the rows of ``role``'s entities
+        (``ids``: only these): the split itself for a benchmark split, else for each entity
+        the first evaluation split that lists it."""
+        if self.split is not None:
+            split = self.split if role == "forget" else retain_split(self.split)
+            return [(split, None if ids is None else list(ids))]
+        wanted = list(ids) if ids is not None else list(self.forget if role == "forget" else self.retain)
+        out: dict[str, list[str]] = {}
+        for e in wanted:
+            home = next((s for s in EVAL_SPLITS if e in meta.splits.get(s, ())), None)
+            if home is None:
+                raise BenchmarkError(f"entity {e!r} is in no evaluation split of benchmark {meta.name!r}")
+            out.setdefault(home, []).append(e)
+        return list(out.items())
+
+
+def forget_set(meta: "BenchmarkMeta", forget: "str | ForgetSet | dict[str, Any]") -> ForgetSet:
+    """A forget split's name (or a ForgetSet, or its dict) as a ForgetSet."""
+    if isinstance(forget, ForgetSet):
+        return forget
+    if isinstance(forget, dict):
+        return ForgetSet(forget["name"], tuple(forget["forget"]), tuple(forget["retain"]), forget.get("split"))
+    return ForgetSet(forget, tuple(meta.entity_ids(forget)), tuple(meta.entity_ids(retain_split(forget))), forget)
+
+
 def retain_split(forget: str) -> str:
     if forget not in RETAIN_OF:
         raise BenchmarkError(f"unknown forget split {forget!r}; choose one of {', '.join(FORGET_SPLITS)}")

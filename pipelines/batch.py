@@ -1,0 +1,258 @@
+"""Stage `batch`: many removal requests from a manifest, resumable, as one Ray job.
+
+    python -m pipelines.batch --manifest configs/batch_demo.yaml [--mode independent|sequential] [--out DIR]
+    ray job submit --working-dir . -- python -m pipelines.batch --manifest ...
+
+Recipe: validate the whole manifest (vkd.batch) before any work. Every request forgets its
+entities and keeps the entities no request names (the batch's shared retain set), so what
+depends only on the model and the retain side is done once: the starting model's
+evaluation (one pass over every request's entities and the shared retain sample, split per
+request) and the retain-side statistics and teacher features (cached by model and data
+hashes, see pipelines.unlearn.cached_stats). ``independent`` runs each request from the
+starting model, as many at once as the cluster's CPUs allow, each as a Ray task driving its
+own trainer; ``sequential`` applies them one after another, each from the previous accepted
+model, recording the lineage in MLflow tags.
+
+Each request is one MLflow run tagged with its id and a hash of everything it depends on.
+A run with that hash and a decision tag is done: a resubmitted batch skips it. A result that
+misses the request's thresholds is tagged rejected, with the reason, and is not registered;
+an accepted one is registered once (a retry finds the version by its hash).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipelines.common import embedded_cpus, init_ray, parse, parser, run_main
+from pipelines.evaluate import evaluate_on_ray, model_fingerprint
+from pipelines.tracking import experiment_id, register_version, registered_model, tracking_uri
+from vkd.batch import Manifest, Request, check_result, load_manifest
+from vkd.config import Config
+from vkd.data.layout import ForgetSet, load_meta
+from vkd.eval import aggregate
+from vkd.model import data_fingerprint, resolve_model
+
+SHOWN = ("forget_vqa", "test_vqa", "forget_qa", "retain_vqa", "retain_qa")
+
+
+def forget_sets(manifest: Manifest) -> dict[str, ForgetSet]:
+    """Each request's entities against the batch's shared retain set."""
+    meta = load_meta(Path(manifest.data))
+    named = set(manifest.batch_entities())
+    retain = tuple(e.id for e in meta.entities if e.id not in named)
+    return {r.id: ForgetSet(r.id, tuple(r.entities), retain) for r in manifest.requests}
+
+
+def absolute(cfg: Config) -> Config:
+    """Paths a Ray task or job resolves in another folder, made absolute."""
+    cfg.mlflow.sqlite_file = str(Path(cfg.mlflow.sqlite_file).resolve())
+    cfg.mlflow.artifact_dir = str(Path(cfg.mlflow.artifact_dir).resolve())
+    return cfg
+
+
+def shared_before(model: Path, data: Path, manifest: Manifest, sets: dict[str, ForgetSet],
+                  configs: dict[str, Config]) -> dict[str, dict[str, float]]:
+    """The starting model's scores for every request with the batch's evaluation settings,
+    from one evaluation over all their entities and the shared retain sample (kept in
+    ``$VKD_CACHE/eval``, so a resubmitted batch does not redo it)."""
+    first = configs[manifest.requests[0].id].eval
+    same = [r for r in manifest.requests if configs[r.id].eval == first]
+    union = ForgetSet("batch", tuple(sorted({e for r in same for e in r.entities})), sets[same[0].id].retain)
+    blob = json.dumps({"model": model_fingerprint(model), "data": data_fingerprint(data), "forget": union.key(),
+                       "eval": asdict(first)}, sort_keys=True)
+    path = Path(os.environ.get("VKD_CACHE", ".vkd/cache")) / "eval" / f"items-{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
+    if path.is_file():
+        results = json.loads(path.read_text())
+    else:
+        results = [{k: r[k] for k in ("key", "entity", "value")} for r in evaluate_on_ray(model, data, union, first)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(results))
+        tmp.rename(path)
+    return {r.id: aggregate([x for x in results if x["key"].startswith("retain") or x["entity"] in set(r.entities)])
+            for r in same}
+
+
+def request_hash(request: Request, cfg: Config, model: Path, data: Path, mode: str) -> str:
+    blob = json.dumps({"request": request.spec_hash(), "config": cfg.hash(), "model": model_fingerprint(model),
+                       "data": data_fingerprint(data), "mode": mode}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def finished_run(cfg: Config, digest: str):
+    """The MLflow run that already did this request (same hash, a decision recorded)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg.mlflow))
+    runs = client.search_runs([experiment_id(cfg.mlflow)],
+                              filter_string=f"tags.request_hash = '{digest}' and attributes.status = 'FINISHED'")
+    done = [r for r in runs if r.data.tags.get("decision")]
+    return done[0] if done else None
+
+
+def _summary(request: Request, run, status: str, seconds: float, model: str | None) -> dict[str, Any]:
+    tags, metrics = run.data.tags, run.data.metrics
+    return {"id": request.id, "entities": request.entities, "status": status, "decision": tags.get("decision"),
+            "reason": tags.get("reason", ""), "version": tags.get("registered_version") or None,
+            "run_id": run.info.run_id, "seconds": seconds, "model": model,
+            "before": {k: metrics.get(f"before/{k}") for k in SHOWN}, "after": {k: metrics.get(f"after/{k}") for k in SHOWN}}
+
+
+def run_request(request: Request, cfg: Config, model: str, data: str, fs: ForgetSet, before: dict | None,
+                out: str, digest: str, tags: dict[str, str]) -> dict[str, Any]:
+    """One request (in a Ray task, or in the driver): skip it if done, else unlearn, decide,
+    register an accepted model once, and record the decision last."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.unlearn import run_unlearn
+
+    start = time.perf_counter()
+    folder = Path(out) / request.id
+    done = finished_run(cfg, digest)
+    if done is not None:
+        return _summary(request, done, "skipped: done before", 0.0, str(folder) if folder.is_dir() else None)
+    if folder.exists():  # an interrupted attempt of this request left it; it holds nothing decided
+        shutil.rmtree(folder)
+    figures = run_unlearn(cfg, model, data, fs, folder, tags={"request_id": request.id, "request_hash": digest, **tags},
+                          register=False, probes=1, before=before, run_name=f"batch-{request.id}")
+    reasons = check_result(request.accept, figures["before"], figures["after"])
+    client = MlflowClient(tracking_uri(cfg.mlflow))
+    run_id = figures["run_id"]
+    if not reasons:
+        version = register_version(run_id, figures["registered_name"], [f"request-{request.id}"],
+                                   tags={"request_id": request.id, "request_hash": digest}, unique_tag="request_hash")
+        client.set_tag(run_id, "registered_version", str(version))
+    client.set_tag(run_id, "reason", "; ".join(reasons) or "meets every threshold")
+    client.set_tag(run_id, "decision", "rejected" if reasons else "accepted")  # last: the request is done
+    return _summary(request, client.get_run(run_id), "ran", time.perf_counter() - start, str(folder))
+
+
+def run_batch(manifest: Manifest, out: str | Path) -> list[dict[str, Any]]:
+    import ray
+
+    from pipelines.unlearn import warm_stats
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(manifest.data).resolve()
+    configs = {r.id: absolute(manifest.request_config(r)) for r in manifest.requests}
+    first = configs[manifest.requests[0].id]
+    if str(manifest.model).startswith("models:/"):
+        model = registered_model(str(manifest.model), first.mlflow)
+    else:
+        model = resolve_model(manifest.model, first.model, data)
+    sets = forget_sets(manifest)
+    tags = {"batch": manifest.path.stem, "batch_mode": manifest.mode}
+    os.environ["VKD_CACHE"] = str(Path(os.environ.get("VKD_CACHE", ".vkd/cache")).resolve())
+    t = first.train
+    slots = manifest.concurrency
+    if not os.environ.get("RAY_ADDRESS"):  # embedded: one request per core's worth of workers
+        slots = slots or max(1, int((os.cpu_count() or 1) // (t.workers * t.cpus_per_worker)))
+        first.ray.num_cpus = max(first.ray.num_cpus, embedded_cpus(first, slots))
+    init_ray(first)
+    if not slots:  # a cluster: as many as its CPUs hold, leaving one for Ray Data's tasks
+        cpus = ray.cluster_resources().get("CPU", 1)
+        slots = max(1, int((cpus - 1) // (t.workers * t.cpus_per_worker + 1)))
+    summaries: list[dict[str, Any]] = []
+    if manifest.mode == "sequential":
+        current, lineage = model, []
+        for r in manifest.requests:
+            digest = request_hash(r, configs[r.id], current, data, manifest.mode)
+            summary = run_request(r, configs[r.id], str(current), str(data), sets[r.id], None, str(out), digest,
+                                  {**tags, "lineage": ">".join(lineage + [r.id]), "start_model": str(current)})
+            summaries.append(summary)
+            if summary["decision"] == "accepted":
+                current = _local_model(summary, out / r.id, first)
+                lineage.append(r.id)
+            print(_line(summary), flush=True)
+        return summaries
+
+    digests = {r.id: request_hash(r, configs[r.id], model, data, manifest.mode) for r in manifest.requests}
+    todo = [r for r in manifest.requests if finished_run(configs[r.id], digests[r.id]) is None]
+    before = shared_before(model, data, manifest, sets, configs) if todo else {}
+    if todo:  # the retain side (statistics, teacher features) once for all
+        warm_stats([configs[todo[0].id]], model, data, sets[todo[0].id], out)
+    task = ray.remote(num_cpus=0.01, max_retries=0)(run_request)
+    pending: dict[Any, Request] = {}
+    queue = list(manifest.requests)
+    while queue or pending:
+        while queue and len(pending) < slots:
+            r = queue.pop(0)
+            pending[task.remote(r, configs[r.id], str(model), str(data), sets[r.id], before.get(r.id), str(out),
+                                digests[r.id], tags)] = r
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            pending.pop(ref)
+            summaries.append(ray.get(ref))
+            print(_line(summaries[-1]), flush=True)
+    order = {r.id: i for i, r in enumerate(manifest.requests)}
+    return sorted(summaries, key=lambda s: order[s["id"]])
+
+
+def _local_model(summary: dict[str, Any], folder: Path, cfg: Config) -> Path:
+    """An accepted request's model: its folder, or its MLflow artifact when the folder is gone."""
+    if (folder / "config.json").is_file():
+        return folder
+    from mlflow.tracking import MlflowClient
+
+    tmp = folder.with_name(f".{folder.name}-download")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    MlflowClient(tracking_uri(cfg.mlflow)).download_artifacts(summary["run_id"], "model", str(tmp))
+    (tmp / "model").rename(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _line(s: dict[str, Any]) -> str:
+    after = ", ".join(f"{k} {s['after'][k]:.3f}" for k in SHOWN if s["after"].get(k) is not None)
+    version = f", registered version {s['version']}" if s.get("version") else ""
+    return f"request {s['id']}: {s['status']}; {s['decision']} ({s['reason']}){version}; {after}"
+
+
+def format_summary(summaries: list[dict[str, Any]]) -> str:
+    head = f"{'request':<14} {'entities':<18} {'status':<20} {'decision':<9} {'version':>7} " + \
+        " ".join(f"{k:>10}" for k in SHOWN)
+    lines = [head, "-" * len(head)]
+    for s in summaries:
+        vals = " ".join(f"{s['after'][k]:>10.3f}" if s["after"].get(k) is not None else f"{'':>10}" for k in SHOWN)
+        lines.append(f"{s['id']:<14} {','.join(s['entities'])[:18]:<18} {s['status'][:20]:<20} "
+                     f"{s['decision'] or '':<9} {s['version'] or '':>7} {vals}")
+    rejected = [s for s in summaries if s["decision"] == "rejected"]
+    lines += [f"rejected {s['id']}: {s['reason']}" for s in rejected]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = parser("batch", "unlearn many removal requests from a manifest, resumably")
+    p.add_argument("--manifest", required=True, help="YAML or CSV manifest (see configs/batch_demo.yaml)")
+    p.add_argument("--mode", choices=("independent", "sequential"), help="default: the manifest's mode")
+    p.add_argument("--model", help="the starting (vanilla) model folder; default: the manifest's model")
+    p.add_argument("--data", help="the benchmark folder; default: the manifest's data")
+    p.add_argument("--out", help="folder for the unlearned models (default runs/batch/<manifest name>)")
+    args = parse(p, argv)
+    manifest = load_manifest(args.manifest, model=args.model, data=args.data, config=args.config, mode=args.mode)
+    if args.overrides:
+        manifest = replace(manifest, defaults={**manifest.defaults,
+                                               **dict(o.split("=", 1) for o in args.overrides)})
+        for r in manifest.requests:
+            manifest.request_config(r)
+    out = Path(args.out or f"runs/batch/{manifest.path.stem}")
+    start = time.perf_counter()
+    summaries = run_batch(manifest, out)
+    (out / "batch.json").write_text(json.dumps(summaries, indent=1))
+    print(format_summary(summaries))
+    ran = sum(s["status"] == "ran" for s in summaries)
+    print(f"{len(summaries)} requests ({ran} ran, {len(summaries) - ran} done before) in "
+          f"{time.perf_counter() - start:.0f} s; summary: {out / 'batch.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
