@@ -134,7 +134,9 @@ def run_request(request: Request, cfg: Config, model: str, data: str, fs: Forget
     return _summary(request, client.get_run(run_id), "ran", time.perf_counter() - start, str(folder))
 
 
-def run_batch(manifest: Manifest, out: str | Path) -> list[dict[str, Any]]:
+def run_batch(manifest: Manifest, out: str | Path) -> dict[str, Any]:
+    """Run (or resume) the batch into ``out``. Returns the request summaries (manifest
+    order), the seconds spent on the shared work and the wall seconds."""
     import ray
 
     from pipelines.unlearn import warm_stats
@@ -157,6 +159,7 @@ def run_batch(manifest: Manifest, out: str | Path) -> list[dict[str, Any]]:
         slots = slots or max(1, int((os.cpu_count() or 1) // (t.workers * t.cpus_per_worker)))
         first.ray.num_cpus = max(first.ray.num_cpus, embedded_cpus(first, slots))
     init_ray(first)
+    wall = time.perf_counter()
     if not slots:  # a cluster: as many as its CPUs hold, leaving one for Ray Data's tasks
         cpus = ray.cluster_resources().get("CPU", 1)
         slots = max(1, int((cpus - 1) // (t.workers * t.cpus_per_worker + 1)))
@@ -172,13 +175,15 @@ def run_batch(manifest: Manifest, out: str | Path) -> list[dict[str, Any]]:
                 current = _local_model(summary, out / r.id, first)
                 lineage.append(r.id)
             print(_line(summary), flush=True)
-        return summaries
+        return {"requests": summaries, "shared_seconds": 0.0, "wall_seconds": time.perf_counter() - wall}
 
     digests = {r.id: request_hash(r, configs[r.id], model, data, manifest.mode) for r in manifest.requests}
     todo = [r for r in manifest.requests if finished_run(configs[r.id], digests[r.id]) is None]
+    shared = time.perf_counter()
     before = shared_before(model, data, manifest, sets, configs) if todo else {}
     if todo:  # the retain side (statistics, teacher features) once for all
         warm_stats([configs[todo[0].id]], model, data, sets[todo[0].id], out)
+    shared = time.perf_counter() - shared
     task = ray.remote(num_cpus=0.01, max_retries=0)(run_request)
     pending: dict[Any, Request] = {}
     queue = list(manifest.requests)
@@ -193,7 +198,8 @@ def run_batch(manifest: Manifest, out: str | Path) -> list[dict[str, Any]]:
             summaries.append(ray.get(ref))
             print(_line(summaries[-1]), flush=True)
     order = {r.id: i for i, r in enumerate(manifest.requests)}
-    return sorted(summaries, key=lambda s: order[s["id"]])
+    return {"requests": sorted(summaries, key=lambda s: order[s["id"]]), "shared_seconds": shared,
+            "wall_seconds": time.perf_counter() - wall}
 
 
 def _local_model(summary: dict[str, Any], folder: Path, cfg: Config) -> Path:
@@ -245,13 +251,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         for r in manifest.requests:
             manifest.request_config(r)
     out = Path(args.out or f"runs/batch/{manifest.path.stem}")
-    start = time.perf_counter()
-    summaries = run_batch(manifest, out)
+    figures = run_batch(manifest, out)
+    summaries = figures["requests"]
     (out / "batch.json").write_text(json.dumps(summaries, indent=1))
     print(format_summary(summaries))
     ran = sum(s["status"] == "ran" for s in summaries)
-    print(f"{len(summaries)} requests ({ran} ran, {len(summaries) - ran} done before) in "
-          f"{time.perf_counter() - start:.0f} s; summary: {out / 'batch.json'}")
+    print(f"{len(summaries)} requests ({ran} ran, {len(summaries) - ran} done before) in {figures['wall_seconds']:.0f} s "
+          f"({figures['shared_seconds']:.0f} s shared work); summary: {out / 'batch.json'}")
 
 
 if __name__ == "__main__":

@@ -51,3 +51,32 @@ def test_the_objective_rewards_forgetting_and_keeping():
     assert objective(before, below)["objective"] == pytest.approx(1.0)  # no extra credit below chance
     damaged = {**ideal, "retain_vqa": 0.45}
     assert objective(before, damaged)["preservation"] == pytest.approx((1 + 0.5 + 1) / 3)
+
+
+def test_the_pareto_front_keeps_only_undominated_trials():
+    from vkd.study import pareto_front
+
+    points = [(0.9, 0.5), (0.5, 0.9), (0.4, 0.4), (0.9, 0.6), (0.5, 0.9)]
+    assert pareto_front(points) == [1, 3, 4]
+
+
+def test_a_study_leaves_its_table_and_plots(tmp_path):
+    import csv
+
+    from vkd.study import write_outputs
+
+    space = load_space(ROOT / "tune_spaces" / "thresholds_grid.yaml")
+    rows = []
+    for i, (d_i, d_f) in enumerate((a, b) for a in (0.0, 0.02) for b in (0.1, 0.3)):
+        f, p = 0.2 + 0.3 * d_f + 5 * d_i, 1.0 - d_f / 2
+        rows.append({"trial": f"t{i}", "status": "finished", "unlearn.d_i": d_i, "unlearn.d_f": d_f,
+                     "objective": (f + p) / 2, "forgetting": f, "preservation": p, "forget_vqa": 0.8 - f / 2,
+                     "test_vqa": 0.8, "forget_qa": 0.9, "retain_vqa": 0.9 * p, "retain_qa": 0.9, "reports": 2,
+                     "seconds": 10.0})
+    rows.append({"trial": "t9", "status": "stopped early", "unlearn.d_i": 0.05, "unlearn.d_f": 0.5, "reports": 1})
+    paths = write_outputs(tmp_path, space, rows)
+    assert {p.name for p in paths} == {"trials.csv", "trials.md", "sensitivity.png", "heatmaps.png", "pareto.png"}
+    table = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert [r["trial"] for r in table][:4] == [r["trial"] for r in sorted(rows[:4], key=lambda r: -r["objective"])]
+    assert table[-1]["status"] == "stopped early" and table[-1]["objective"] == ""
+    assert all((tmp_path / n).stat().st_size > 5000 for n in ("sensitivity.png", "heatmaps.png", "pareto.png"))
