@@ -120,6 +120,8 @@ def run_request(request: Request, cfg: Config, model: str, data: str, fs: Forget
         return _summary(request, done, "skipped: done before", 0.0, str(folder) if folder.is_dir() else None)
     if folder.exists():  # an interrupted attempt of this request left it; it holds nothing decided
         shutil.rmtree(folder)
+    for stale in Path(out).glob(f".unlearn-{request.id}-????????"):  # and its work folder (mkdtemp: 8 characters)
+        shutil.rmtree(stale, ignore_errors=True)
     figures = run_unlearn(cfg, model, data, fs, folder, tags={"request_id": request.id, "request_hash": digest, **tags},
                           register=False, probes=1, before=before, run_name=f"batch-{request.id}")
     reasons = check_result(request.accept, figures["before"], figures["after"])

@@ -35,7 +35,8 @@ class TrainJob:
     reference_path: str | None = None  # frozen reference model (methods that need one)
     teacher_path: str | None = None    # torch.save'd {image key: {feature name: tensor}}
     mlflow: dict[str, str] = field(default_factory=dict)   # tracking_uri, run_id
-    probe: dict[str, Any] = field(default_factory=dict)    # in-run evaluation (see Probe): data, forget, eval, before, every
+    probe: dict[str, Any] = field(default_factory=dict)    # in-run evaluation (see Probe): data, forget, eval, before,
+                                                           # start_model, every
     name: str = "train"
     fault_at_step: int = 0             # test-only fault hook: rank 0 dies once at this step,
     fault_marker: str = ""             # leaving this file behind so it dies only once
@@ -144,7 +145,11 @@ class Probe:
     """Rank 0's evaluation during a run (a tune trial's intermediate results): the
     multiple-choice items of ``eval`` (its ``max_rows`` and ``retain_entities``; generation
     is skipped, the objective needs none) scored on the model as it trains, with the study
-    objective against ``before``, the starting model's scores on the same items."""
+    objective against ``before``, the starting model's scores on the same items. Results
+    before the last step score every ``SAMPLE``-th item only (cheap rungs for ASHA, the
+    same items at every rung, against ``before`` scored on those items); the last scores all."""
+
+    SAMPLE = 4
 
     def __init__(self, spec: dict[str, Any]):
         from vkd.config import EvalConfig
@@ -156,20 +161,34 @@ class Probe:
                                 plan=eval_plan(data, forget, cfg.retain_entities))
         self.references = reference_images(data, forget, cfg.references)
         self.before, self.batch_size = spec["before"], cfg.batch_size
+        self.sample, self.start_model = self.items[::self.SAMPLE], spec["start_model"]
+        self.sample_before: dict[str, float] | None = None
 
-    def __call__(self, adapter) -> dict[str, float]:
+    def score(self, adapter, items: list[dict]) -> dict[str, float]:
         import torch
 
         from vkd.eval import aggregate, evaluate_items
-        from vkd.study import objective
 
         model = adapter.model
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            after = aggregate(evaluate_items(adapter, self.items, self.references, self.batch_size))
+            scores = aggregate(evaluate_items(adapter, items, self.references, self.batch_size))
         model.train(was_training)
-        return {**{f"eval/{k}": v for k, v in after.items()}, **objective(self.before, after)}
+        return scores
+
+    def __call__(self, adapter, final: bool) -> dict[str, float]:
+        from vkd.study import objective
+
+        if final:
+            after = self.score(adapter, self.items)
+            return {**{f"eval/{k}": v for k, v in after.items()}, **objective(self.before, after)}
+        if self.sample_before is None:  # the starting model's scores on the sample
+            from vkd.model import ModelAdapter
+
+            self.sample_before = self.score(ModelAdapter.load(self.start_model), self.sample)
+        after = self.score(adapter, self.sample)
+        return {**{f"eval/{k}": v for k, v in after.items()}, **objective(self.sample_before, after)}
 
 
 def worker_loop(job_dict: dict[str, Any]) -> None:
@@ -303,7 +322,7 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
         if probe_due:
             with _whole_params(engine, cfg.zero_stage):
                 if probe is not None:
-                    report.update(probe(adapter))
+                    report.update(probe(adapter, final=done))
             if tracker is not None:
                 for k, v in report.items():
                     if k.startswith("eval/") or k in ("objective", "forgetting", "preservation"):

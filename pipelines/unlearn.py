@@ -280,7 +280,7 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetS
             probe = {}
             if probes:
                 probe = {"data": str(data), "forget": forget, "eval": dataclasses.asdict(cfg.eval), "before": before,
-                         "every": max(1, tcfg.max_steps // probes)}
+                         "start_model": str(base), "every": max(1, tcfg.max_steps // probes)}
             job = TrainJob(out_dir=str(out), cfg=tcfg, total_steps=tcfg.max_steps, method=cfg.unlearn.method,
                            unlearn=dataclasses.asdict(cfg.unlearn), reference_path=str(base),
                            mlflow={"tracking_uri": tracking_uri(cfg.mlflow), "run_id": run.info.run_id},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -112,7 +113,11 @@ def test_ray_job_submit_stop_and_resubmit_does_each_request_once(small_data, tin
     bindir = os.path.dirname(sys.executable)
     head = subprocess.Popen([f"{bindir}/ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
                              "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", "--disable-usage-stats"],
+                             f"--dashboard-port={dash}", "--disable-usage-stats",
+                             # its own agent ports: another Ray on this machine may hold the defaults
+                             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+                             f"--ray-client-server-port={_free_port()}"],
                             env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
@@ -130,12 +135,16 @@ def test_ray_job_submit_stop_and_resubmit_does_each_request_once(small_data, tin
         runtime_env = json.dumps({"env_vars": {"VKD_CACHE": str(tmp_path / "cache"), "PYTHONPATH": "."}})
 
         def submit() -> str:
-            done = subprocess.run([f"{bindir}/ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
-                                   "--runtime-env-json", runtime_env, "--no-wait", "--", sys.executable, "-m",
-                                   "pipelines.batch", "--manifest", str(manifest), "--out", str(out)],
-                                  env=env, capture_output=True, text=True, timeout=120)
+            for _ in range(30):  # the head's job agent comes up a little after its dashboard
+                done = subprocess.run([f"{bindir}/ray", "job", "submit", "--address", address, "--working-dir",
+                                       str(ROOT), "--runtime-env-json", runtime_env, "--no-wait", "--", sys.executable,
+                                       "-m", "pipelines.batch", "--manifest", str(manifest), "--out", str(out)],
+                                      env=env, capture_output=True, text=True, timeout=120)
+                if "try again later" not in done.stderr:
+                    break
+                time.sleep(2)
             assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-            return next(w for line in done.stdout.splitlines() for w in line.split() if w.startswith("raysubmit_"))
+            return re.search(r"raysubmit_[A-Za-z0-9]+", done.stdout).group(0)
 
         mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
