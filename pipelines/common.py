@@ -61,7 +61,8 @@ def init_ray(cfg: Config, **kwargs: Any):
         ray.init(**kwargs)
     else:
         # The dashboard (loopback only) serves the state API Ray Train's controller polls.
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False,
+        # address="local": a new in-process Ray even when another one (a `ray start` head) runs here
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False,
                  runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV}}, **kwargs)
     return ray
 

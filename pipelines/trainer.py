@@ -146,7 +146,7 @@ class Probe:
     multiple-choice items of ``eval`` (its ``max_rows`` and ``retain_entities``; generation
     is skipped, the objective needs none) scored on the model as it trains, with the study
     objective against ``before``, the starting model's scores on the same items. Results
-    before the last step score every ``SAMPLE``-th item only (cheap rungs for ASHA, the
+    before the last step score every ``SAMPLE``-th item of each key (cheap rungs for ASHA, the
     same items at every rung, against ``before`` scored on those items); the last scores all."""
 
     SAMPLE = 4
@@ -161,7 +161,12 @@ class Probe:
                                 plan=eval_plan(data, forget, cfg.retain_entities))
         self.references = reference_images(data, forget, cfg.references)
         self.before, self.batch_size = spec["before"], cfg.batch_size
-        self.sample, self.start_model = self.items[::self.SAMPLE], spec["start_model"]
+        by_key: dict[str, list[dict]] = {}
+        for it in self.items:
+            by_key.setdefault(it["key"], []).append(it)
+        # every SAMPLE-th item of each key (at least one), so every key is scored at every rung
+        self.sample = [it for group in by_key.values() for it in group[::self.SAMPLE]]
+        self.start_model = spec["start_model"]
         self.sample_before: dict[str, float] | None = None
 
     def score(self, adapter, items: list[dict]) -> dict[str, float]:

@@ -102,7 +102,7 @@ def test_ray_job_submit_stop_and_resubmit_does_each_request_once(small_data, tin
               "mlflow": {"sqlite_file": str(tmp_path / "mlflow.db"), "artifact_dir": str(tmp_path / "mlruns")}}
     _write(tmp_path / "run.yaml", config)
     manifest = _write(tmp_path / "batch.yaml", {
-        "model": str(tiny_path), "data": str(small_data), "config": str(tmp_path / "run.yaml"), "concurrency": 1,
+        "model": str(tiny_path), "data": str(small_data), "config": str(tmp_path / "run.yaml"), "concurrency": 2,
         "requests": [{"id": "first", "entities": ["0001"]},
                      {"id": "second", "entities": ["0002", "0003"], "overrides": {"unlearn.beta": 3.0}},
                      {"id": "third", "entities": ["0004"], "accept": {"retain_vqa_min": 1.01}}]})
@@ -111,7 +111,7 @@ def test_ray_job_submit_stop_and_resubmit_does_each_request_once(small_data, tin
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(PYTHONPATH=str(ROOT), VKD_CACHE=str(tmp_path / "cache"))
     bindir = os.path.dirname(sys.executable)
-    head = subprocess.Popen([f"{bindir}/ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+    head = subprocess.Popen([f"{bindir}/ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=6",
                              "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dash}", "--disable-usage-stats",
                              # its own agent ports: another Ray on this machine may hold the defaults

@@ -149,7 +149,8 @@ def forget_set(meta: "BenchmarkMeta", forget: "str | ForgetSet | dict[str, Any]"
         return forget
     if isinstance(forget, dict):
         return ForgetSet(forget["name"], tuple(forget["forget"]), tuple(forget["retain"]), forget.get("split"))
-    return ForgetSet(forget, tuple(meta.entity_ids(forget)), tuple(meta.entity_ids(retain_split(forget))), forget)
+    retain = retain_split(forget)  # an unknown name fails here, listing the forget splits
+    return ForgetSet(forget, tuple(meta.entity_ids(forget)), tuple(meta.entity_ids(retain)), forget)
 
 
 def retain_split(forget: str) -> str:
