@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.common import RAY_ENV  # noqa: E402,F401  (sets the Ray variables)
@@ -40,7 +42,10 @@ def main() -> None:
     ap.add_argument("--out", help="folder for both studies (default: a temporary folder)")
     args, overrides = ap.parse_known_args()
     cfg = load_config(args.config, overrides)
-    space = dataclasses.replace(load_space(args.space, args.config), reports=args.reports,
+    space = load_space(args.space, args.config)
+    # key=value given here win over the space's fixed fields too
+    fixed = {**space.fixed, **{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}}
+    space = dataclasses.replace(space, reports=args.reports, fixed=fixed,
                                 asha={"grace_period": args.grace, "reduction_factor": args.reduction_factor})
     root = Path(args.out or tempfile.mkdtemp(prefix="tune-asha-"))
     figures = {}
