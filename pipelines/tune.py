@@ -174,7 +174,10 @@ def trial_rows(space: SearchSpace, grid, out: Path) -> list[dict[str, Any]]:
         saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
         if saved:
             m.update(saved["metrics"], training_iteration=saved["reports"], time_total_s=saved["seconds"])
-        status = "finished" if saved else ("error" if res.error is not None else "stopped early")
+        # a trial that reached its last evaluation finished, even when the scheduler stopped it
+        # right there (ASHA at max_t) before it could write result.json
+        done = saved or (res.error is None and m.get("training_iteration", 0) >= space.reports)
+        status = "finished" if done else ("error" if res.error is not None else "stopped early")
         row = {"trial": trial_key(params), "status": status, **params,
                "reports": m.get("training_iteration", 0), "seconds": m.get("time_total_s")}
         if "objective" in m:
