@@ -8,7 +8,8 @@ Two figures per loop: "from step 1" counts from the end of the first step; "stea
 second half of the steps, once the trainer's Ray Data pipeline is past its start-up burst
 (it reads and shuffles the rows and decodes ahead while the first steps run, on the same
 cores). The trainer's figures are the ones its rank 0 reports (Ray Data decoding and
-tokenising in a concurrent actor included); the bare loop tokenises inline.
+tokenising in concurrent tasks included); the bare loop tokenises inline, so part of
+the trainer's edge at one worker is that its data preparation runs beside the training.
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def main() -> None:
                            total_steps=args.steps, name=f"overhead-{workers}")
             result = run_training(job, train_datasets(data, str(path), tcfg), storage=work / "ray")
             rates[label] = result.metrics["samples_per_s"], result.metrics["steady_samples_per_s"]
-        print(f"micro-batch {bs}, {args.steps} steps each, {cfg.train.precision}, ZeRO-{zero} for the trainer; "
+        print(f"micro-batch {bs}, {cfg.train.turns} turn(s) per sequence, {args.steps} steps each, "
+              f"{cfg.train.precision}, ZeRO-{zero} for the trainer (one worker runs stage 0: nothing to partition); "
               "samples/s (ratio to the bare loop with as many threads)")
         print(f"{'loop':<42}{'from step 1':>20}{'steady':>20}")
         for t, (first, steady) in bare.items():

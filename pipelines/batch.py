@@ -26,15 +26,15 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from pipelines.common import embedded_cpus, init_ray, parse, parser, run_main
-from pipelines.evaluate import evaluate_on_ray, model_fingerprint
+from pipelines.evaluate import cached_results, model_fingerprint
 from pipelines.tracking import experiment_id, register_version, registered_model, tracking_uri
 from vkd.batch import Manifest, Request, check_result, load_manifest
-from vkd.config import Config
+from vkd.config import Config, cache_root
 from vkd.data.layout import ForgetSet, load_meta
 from vkd.eval import aggregate
 from vkd.model import data_fingerprint, resolve_model
@@ -65,17 +65,7 @@ def shared_before(model: Path, data: Path, manifest: Manifest, sets: dict[str, F
     first = configs[manifest.requests[0].id].eval
     same = [r for r in manifest.requests if configs[r.id].eval == first]
     union = ForgetSet("batch", tuple(sorted({e for r in same for e in r.entities})), sets[same[0].id].retain)
-    blob = json.dumps({"model": model_fingerprint(model), "data": data_fingerprint(data), "forget": union.key(),
-                       "eval": asdict(first)}, sort_keys=True)
-    path = Path(os.environ.get("VKD_CACHE", ".vkd/cache")) / "eval" / f"items-{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
-    if path.is_file():
-        results = json.loads(path.read_text())
-    else:
-        results = [{k: r[k] for k in ("key", "entity", "value")} for r in evaluate_on_ray(model, data, union, first)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(results))
-        tmp.rename(path)
+    results = cached_results(model, data, union, first)
     return {r.id: aggregate([x for x in results if x["key"].startswith("retain") or x["entity"] in set(r.entities)])
             for r in same}
 
@@ -154,7 +144,7 @@ def run_batch(manifest: Manifest, out: str | Path) -> dict[str, Any]:
         model = resolve_model(manifest.model, first.model, data)
     sets = forget_sets(manifest)
     tags = {"batch": manifest.path.stem, "batch_mode": manifest.mode}
-    os.environ["VKD_CACHE"] = str(Path(os.environ.get("VKD_CACHE", ".vkd/cache")).resolve())
+    os.environ["VKD_CACHE"] = str(cache_root())
     t = first.train
     slots = manifest.concurrency
     if not os.environ.get("RAY_ADDRESS"):  # embedded: one request per core's worth of workers
@@ -183,8 +173,8 @@ def run_batch(manifest: Manifest, out: str | Path) -> dict[str, Any]:
     todo = [r for r in manifest.requests if finished_run(configs[r.id], digests[r.id]) is None]
     shared = time.perf_counter()
     before = shared_before(model, data, manifest, sets, configs) if todo else {}
-    if todo:  # the retain side (statistics, teacher features) once for all
-        warm_stats([configs[todo[0].id]], model, data, sets[todo[0].id], out)
+    if todo:  # every request's statistics in one pass; the retain side (and teacher) once for all
+        warm_stats([(configs[r.id], sets[r.id]) for r in todo], model, data, out)
     shared = time.perf_counter() - shared
     task = ray.remote(num_cpus=0.01, max_retries=0)(run_request)
     pending: dict[Any, Request] = {}

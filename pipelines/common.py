@@ -61,15 +61,37 @@ def init_ray(cfg: Config, **kwargs: Any):
         ray.init(**kwargs)
     else:
         # The dashboard (loopback only) serves the state API Ray Train's controller polls.
-        # address="local": a new in-process Ray even when another one (a `ray start` head) runs here
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False,
-                 runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV}}, **kwargs)
+        # address="local": a new in-process Ray even when another one (a `ray start` head) runs
+        # here. Its GCS port is chosen up front so that its processes get RAY_ADDRESS: without
+        # it, Ray Train's placement-group cleaner finds the cluster in /tmp/ray/ray_current_cluster
+        # (an old or another `ray start`) and asks it whether our controller is alive.
+        port = free_port()
+        env = {k: os.environ[k] for k in RAY_ENV} | {"RAY_ADDRESS": f"127.0.0.1:{port}"}
+        saved = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     _node_ip_address="127.0.0.1", configure_logging=False, runtime_env={"env_vars": env}, **kwargs)
+        finally:
+            if saved is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = saved
     return ray
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def embedded_cpus(cfg: Config, runs: int) -> int:
     """Logical CPUs an embedded Ray needs for ``runs`` concurrent trainers: each one's
-    workers plus a CPU for its data actors, and one more for Ray Data's read and map tasks
+    workers plus a CPU for its data tasks (tokenising), and one more for Ray Data's read and map tasks
     (without it, trainers holding every CPU wait forever on data that cannot be read)."""
     import math
 

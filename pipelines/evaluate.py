@@ -120,33 +120,38 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_evaluation(model: str | Path, data: str | Path, forget: "str | ForgetSet", cfg: EvalConfig,
-                      cache: str | Path | None = None) -> tuple[dict[str, float], dict[str, int]]:
-    """The evaluation of a model that does not change (the vanilla model before each
-    unlearning run), computed once per model, benchmark, split and evaluation settings and
-    kept under ``$VKD_CACHE/eval`` (default ``.vkd/cache/eval``)."""
+def cached_results(model: str | Path, data: str | Path, forget: "str | ForgetSet", cfg: EvalConfig,
+                   cache: str | Path | None = None) -> list[dict[str, Any]]:
+    """Every item's score (key, entity, value) for a model that does not change (the
+    vanilla model before each unlearning run), evaluated once per model, benchmark, split
+    and evaluation settings and kept under ``$VKD_CACHE/eval``."""
     import hashlib
     import os
 
-    from vkd.model import data_fingerprint
-
+    from vkd.config import cache_root
     from vkd.data.layout import forget_set, load_meta
+    from vkd.model import data_fingerprint
 
     key = forget_set(load_meta(data), forget).key()
     blob = json.dumps({"model": model_fingerprint(model), "data": data_fingerprint(data), "forget": key,
                        "eval": asdict(cfg)}, sort_keys=True)
-    root = Path(cache or os.environ.get("VKD_CACHE", ".vkd/cache")) / "eval"
-    path = root / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
+    root = (Path(cache) if cache else cache_root()) / "eval"
+    path = root / f"items-{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
-        return saved["metrics"], saved["counts"]
-    results = evaluate_on_ray(model, data, forget, cfg)
-    metrics, n = aggregate(results), counts(results)
+        return json.loads(path.read_text())
+    results = [{k: r[k] for k in ("key", "entity", "value")} for r in evaluate_on_ray(model, data, forget, cfg)]
     root.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"metrics": metrics, "counts": n}, sort_keys=True))
+    tmp.write_text(json.dumps(results))
     tmp.rename(path)
-    return metrics, n
+    return results
+
+
+def cached_evaluation(model: str | Path, data: str | Path, forget: "str | ForgetSet", cfg: EvalConfig,
+                      cache: str | Path | None = None) -> tuple[dict[str, float], dict[str, int]]:
+    """The metrics and item counts of ``cached_results``."""
+    results = cached_results(model, data, forget, cfg, cache)
+    return aggregate(results), counts(results)
 
 
 def run_evaluation(cfg: Config, model: str, data: str, forget: str) -> tuple[dict[str, float], dict[str, int], float]:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from vkd.config import Config, TrackingConfig, flatten
+from vkd.config import Config, TrackingConfig, cache_root, flatten
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -125,7 +125,7 @@ def registered_model(spec: str, cfg: TrackingConfig) -> Path:
     except (MlflowException, ValueError) as err:
         raise ModelError(f"model {spec}: not in the registry at {tracking_uri(cfg)} ({str(err)[:200]}); "
                          "give a registered NAME@ALIAS or NAME/VERSION, or a model folder") from None
-    target = Path(os.environ.get("VKD_CACHE", ".vkd/cache")).resolve() / "models" / f"{name}-v{version.version}"
+    target = cache_root() / "models" / f"{name}-v{version.version}"
     if not (target / "config.json").is_file():
         tmp = target.with_name(f".{target.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,24 +42,27 @@ class TrainJob:
     fault_marker: str = ""             # leaving this file behind so it dies only once
 
 
-class TokenizeBatch:
-    """map_batches stage: decode and tokenise a batch of train items with the model's processor."""
+_TOKENIZERS: dict[tuple[str, int], Any] = {}
 
-    def __init__(self, model_path: str, max_length: int):
+
+def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, max_length: int) -> dict[str, np.ndarray]:
+    """map_batches stage: decode and tokenise a batch of train items with the model's
+    processor. It runs as Ray tasks, whose worker processes Ray keeps and reuses: each loads
+    a processor once (kept per process), so a run's streams, and the next run's, start
+    without spawning a tokeniser process each."""
+    key = (model_path, max_length)
+    if key not in _TOKENIZERS:
         import torch
 
         from vkd.model import ModelAdapter
         from vkd.train import Tokenize
 
         torch.set_num_threads(1)  # a helper beside the train workers: never take every core
-
-        self.tokenize = Tokenize(ModelAdapter.load(model_path), max_length)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [{"image": batch["image"][i], "questions": list(batch["questions"][i]),
-                  "answers": list(batch["answers"][i]), "source": str(batch["source"][i])}
-                 for i in range(len(batch["source"]))]
-        return self.tokenize(items)
+        _TOKENIZERS[key] = Tokenize(ModelAdapter.load(model_path, weights=False), max_length)
+    items = [{"image": batch["image"][i], "questions": list(batch["questions"][i]),
+              "answers": list(batch["answers"][i]), "source": str(batch["source"][i])}
+             for i in range(len(batch["source"]))]
+    return _TOKENIZERS[key](items)
 
 
 @dataclass
@@ -98,17 +101,17 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
     shuffled -> sequences -> arrays, streamed."""
     import ray
 
-    from vkd.data.layout import TRAIN_SPLIT, shard_paths
+    from vkd.data.layout import TRAIN_SPLIT, shards_holding
 
     plan = plan or RowPlan(turns=cfg.turns, seed=cfg.seed)
-    ds = ray.data.read_parquet([str(p) for p in shard_paths(data, TRAIN_SPLIT)], include_paths=True)
+    ds = ray.data.read_parquet([str(p) for p in shards_holding(Path(data), TRAIN_SPLIT, plan.ids)], include_paths=True)
     if plan.ids is not None or plan.image_only or plan.rows is not None:
         ds = ds.filter(plan.keep)
     # Rows come grouped by entity; shuffle them globally (a few MB) before they fan out into
     # sequences, so each worker's local shuffle buffer mixes many entities.
     ds = ds.random_shuffle(seed=plan.seed).flat_map(plan.sequences)
-    return ds.map_batches(TokenizeBatch, fn_constructor_kwargs={"model_path": model_path, "max_length": cfg.max_length},
-                          batch_size=64, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+    return ds.map_batches(tokenize_batch, fn_kwargs={"model_path": model_path, "max_length": cfg.max_length},
+                          batch_size=64, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=1),
                           num_cpus=0.5)
 
 
@@ -167,7 +170,15 @@ class Probe:
         # every SAMPLE-th item of each key (at least one), so every key is scored at every rung
         self.sample = [it for group in by_key.values() for it in group[::self.SAMPLE]]
         self.start_model = spec["start_model"]
-        self.sample_before: dict[str, float] | None = None
+        # the starting model's scores on the sample: given (a study scores them once for
+        # all its trials) or scored at the first rung
+        self.sample_before: dict[str, float] | None = spec.get("sample_before")
+
+    def start_scores(self) -> dict[str, float]:
+        """The starting model's scores on the sample."""
+        from vkd.model import ModelAdapter
+
+        return self.score(ModelAdapter.load(self.start_model), self.sample)
 
     def score(self, adapter, items: list[dict]) -> dict[str, float]:
         import torch
@@ -188,10 +199,8 @@ class Probe:
         if final:
             after = self.score(adapter, self.items)
             return {**{f"eval/{k}": v for k, v in after.items()}, **objective(self.before, after)}
-        if self.sample_before is None:  # the starting model's scores on the sample
-            from vkd.model import ModelAdapter
-
-            self.sample_before = self.score(ModelAdapter.load(self.start_model), self.sample)
+        if self.sample_before is None:
+            self.sample_before = self.start_scores()
         after = self.score(adapter, self.sample)
         return {**{f"eval/{k}": v for k, v in after.items()}, **objective(self.sample_before, after)}
 
@@ -205,7 +214,7 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
     from vkd.config import UnlearnConfig
     from vkd.methods import METHODS, StepContext
     from vkd.model import ModelAdapter
-    from vkd.train import ds_config, model_inputs, set_trainable, skip_shm_comm_build
+    from vkd.train import ds_config, model_inputs, set_trainable, skip_shm_comm_build, trainable_names
 
     job = TrainJob(**{**job_dict, "cfg": TrainConfig(**job_dict["cfg"])})
     cfg = job.cfg
@@ -231,8 +240,16 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
         for name, p in model.named_parameters():
             if name in masks and p.requires_grad:
                 p.register_hook(lambda g, m=masks[name]: g * m.to(g.dtype))
+    # With several ranks, every trainable parameter must take part in every step on every
+    # rank, or ZeRO's gradient buckets differ across ranks: a text-only batch skips the
+    # vision tower and projector, so those join each loss at weight 0 (one rank needs none).
+    visual = set(trainable_names(adapter, "visual"))
+    dangling = [p for n, p in model.named_parameters() if p.requires_grad and n in visual] if world > 1 else []
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, job.total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=ds_config(engine_config(cfg, world), job.total_steps))
+    if world == 1:  # nothing to all-reduce: one rank holds the whole gradient
+        engine.enable_backward_allreduce = False
     step_ctx = StepContext(adapter=adapter, cfg=ucfg)
     if method.needs_reference:
         step_ctx.reference = ModelAdapter.load(job.reference_path or job.model_path).model.to(engine.device)
@@ -291,9 +308,8 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
         if start is not None:
             waited += time.perf_counter() - ask
         loss, metrics = method.loss(engine, inputs, step_ctx)
-        # Every trainable parameter takes part in every step on every rank (a text-only
-        # batch skips the vision tower), or ZeRO's gradient buckets differ across ranks.
-        loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in params)
+        if dangling:
+            loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in dangling)
         engine.backward(loss)
         engine.step()
         if not engine.is_gradient_accumulation_boundary() and cfg.grad_accum > 1:
@@ -318,9 +334,8 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
                   "steady_samples_per_s": (len(stamps) - 1 - half) * per_step / max(stamps[-1] - stamps[half], 1e-9),
                   "data_wait": waited / elapsed}
         if tracker is not None and (step % cfg.log_every == 0 or done):
-            for k, v in report.items():
-                if k not in ("step", "resumed_from"):
-                    tracker.log_metric(job.mlflow["run_id"], f"train/{k}", float(v), step=step)
+            _log(tracker, job.mlflow["run_id"], {f"train/{k}": v for k, v in report.items()
+                                                 if k not in ("step", "resumed_from")}, step)
         checkpoint_due = step % cfg.checkpoint_every == 0 or done
         # with a probe, every result carries the objective (Tune's schedulers insist)
         probe_due = bool(job.probe) and (step % job.probe["every"] == 0 or checkpoint_due)
@@ -329,9 +344,8 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
                 if probe is not None:
                     report.update(probe(adapter, final=done))
             if tracker is not None:
-                for k, v in report.items():
-                    if k.startswith("eval/") or k in ("objective", "forgetting", "preservation"):
-                        tracker.log_metric(job.mlflow["run_id"], k, float(v), step=step)
+                _log(tracker, job.mlflow["run_id"], {k: v for k, v in report.items() if k.startswith("eval/")
+                                                     or k in ("objective", "forgetting", "preservation")}, step)
         if probe_due and not checkpoint_due:
             ray.train.report(report)
         if checkpoint_due:
@@ -344,6 +358,23 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     if bar is not None:
         bar.close()
+
+
+def engine_config(cfg: TrainConfig, world: int) -> TrainConfig:
+    """The settings a rank's DeepSpeed engine runs with. ZeRO stages 1 and 2 partition
+    optimizer state and gradients across ranks; a single rank has nothing to partition, so
+    it runs stage 0 (the same updates, without the partitioning's per-step copies)."""
+    if world == 1 and cfg.zero_stage in (1, 2):
+        return replace(cfg, zero_stage=0)
+    return cfg
+
+
+def _log(tracker: Any, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    """Log metrics at a step in one MLflow call (one database write, not one per metric)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    tracker.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 def steps_for(n_items: int, cfg: TrainConfig) -> int:

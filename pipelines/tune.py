@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +31,8 @@ import yaml
 from pipelines.common import embedded_cpus, init_ray, parse, parser, resolve_config, run_main
 from pipelines.evaluate import cached_evaluation
 from pipelines.tracking import experiment_id, git_sha, tracking_uri
-from vkd.config import Config, ConfigError, load_config
+from pipelines.trainer import Probe
+from vkd.config import Config, ConfigError, cache_root, load_config, override
 from vkd.data.layout import load_meta
 from vkd.model import resolve_model
 from vkd.study import SearchSpace, load_space, write_outputs
@@ -38,12 +40,8 @@ from vkd.study import SearchSpace, load_space, write_outputs
 METRICS = ("forget_vqa", "test_vqa", "forget_qa", "retain_vqa", "retain_qa")
 
 
-def _yaml_value(value: Any) -> str:
-    return value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
-
-
 def overrides(params: dict[str, Any]) -> list[str]:
-    return [f"{k}={_yaml_value(v)}" for k, v in sorted(params.items())]
+    return [override(k, v) for k, v in sorted(params.items())]
 
 
 def trial_key(params: dict[str, Any]) -> str:
@@ -51,15 +49,12 @@ def trial_key(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def base_config(cfg: Config, space: SearchSpace, out: Path) -> Config:
+def base_config(cfg: Config, space: SearchSpace) -> Config:
     """The config every trial starts from: the space's fixed fields and resources on top of
     ``cfg``, with the MLflow file paths made absolute (trials run in other folders)."""
     fixed = {**space.fixed, "train.workers": int(space.resources.get("workers", 1)),
              "train.cpus_per_worker": float(space.resources.get("cpus_per_worker", 1))}
-    tmp = out / ".base.yaml"
-    cfg.save(tmp)
-    base = load_config(tmp, overrides(fixed))
-    tmp.unlink()
+    base = cfg.updated(overrides(fixed))
     base.mlflow.sqlite_file = str(Path(base.mlflow.sqlite_file).resolve())
     base.mlflow.artifact_dir = str(Path(base.mlflow.artifact_dir).resolve())
     return base
@@ -100,7 +95,8 @@ def run_trial(params: dict[str, Any], study: dict[str, Any]) -> None:
     figures = run_unlearn(cfg, study["model"], study["data"], study["forget"], folder / "model",
                           tags={"mlflow.parentRunId": study["parent_run_id"], "study": study["name"], "trial": key},
                           register=False, probes=study["reports"], callbacks=[TuneReportCallback()],
-                          run_name=f"{study['name']}-{key}", keep_model=False)
+                          run_name=f"{study['name']}-{key}", keep_model=False,
+                          sample_before=study.get("sample_before"))
     metrics = {"objective": figures["objective"], "forgetting": figures["forgetting"],
                "preservation": figures["preservation"], **{f"eval/{k}": v for k, v in figures["after"].items()}}
     tmp = folder / "result.json.tmp"
@@ -209,7 +205,7 @@ def run_study(cfg: Config, space: SearchSpace, model: str, data: str | Path, for
         if differs:
             raise ConfigError(f"{out} holds another study ({differs[0]}: {saved.get(differs[0])}); "
                               "choose another --out")
-    base = base_config(cfg, space, out)
+    base = base_config(cfg, space)
     base.save(out / "base.yaml")
     space_file = out / "space.yaml"
     space_file.write_text(yaml.safe_dump({k: getattr(space, k) for k in SearchSpace.__dataclass_fields__},
@@ -218,14 +214,20 @@ def run_study(cfg: Config, space: SearchSpace, model: str, data: str | Path, for
         base.ray.num_cpus = max(base.ray.num_cpus, embedded_cpus(base, space.concurrency))
     init_ray(base)
     wall = time.perf_counter()
-    cached_evaluation(base_model, data, forget, base.eval)
+    before, _ = cached_evaluation(base_model, data, forget, base.eval)
+    sample_before = None
+    if space.reports > 1 and not any(name.startswith("eval.") for name in space.parameters):
+        # the starting model on the earlier rungs' sample, scored once here, not in every trial
+        probe = Probe({"data": str(data), "forget": forget, "eval": asdict(base.eval), "before": before,
+                       "start_model": str(base_model)})
+        sample_before = probe.start_scores()
     points = space.grid_points() if space.search == "grid" else [{}]
-    warm_stats([load_config(out / "base.yaml", overrides(pt)) for pt in points], base_model, data, forget, out)
+    warm_stats([(load_config(out / "base.yaml", overrides(pt)), forget) for pt in points], base_model, data, out)
     parent = _study_run(base, space, out, identity)
     study = {"base": str(out / "base.yaml"), "model": str(base_model), "data": str(data), "forget": forget,
              "out": str(out), "reports": space.reports, "name": space.name, "parent_run_id": parent,
              "tracking_uri": tracking_uri(base.mlflow),
-             "cache": str(Path(os.environ.get("VKD_CACHE", ".vkd/cache")).resolve())}
+             "cache": str(cache_root()), "sample_before": sample_before}
     tuner, resumed = _tuner(space, study, out / "study", scheduler or space.scheduler)
     if resumed:
         print(f"resuming the study in {out / 'study'}", flush=True)

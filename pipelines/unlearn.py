@@ -23,7 +23,7 @@ from pipelines.common import init_ray, parse, parser, refuse_existing, resolve_c
 from pipelines.evaluate import cached_evaluation, evaluate_on_ray, format_table
 from pipelines.tracking import log_model, stage_run, tracking_uri
 from pipelines.trainer import RowPlan, StatsJob, TrainJob, run_stats, run_training, train_dataset
-from vkd.config import Config, TrainConfig
+from vkd.config import Config, TrainConfig, cache_root
 from vkd.data.layout import TRAIN_SPLIT, ForgetSet, forget_set, load_meta, read_rows
 from vkd.eval import DIRECTIONS, aggregate, counts
 from vkd.methods import Method, method_for
@@ -59,12 +59,6 @@ def stream_plans(cfg: Config, method: Method, data: str | Path, forget: str | Fo
     }
 
 
-def cache_root() -> Path:
-    import os
-
-    return Path(os.environ.get("VKD_CACHE", ".vkd/cache"))
-
-
 def stats_keys(cfg: Config, method: Method, model: Path, data: str | Path, plans: dict[str, RowPlan],
                tcfg: TrainConfig, trainable: list[str]) -> dict[str, str]:
     """Cache keys of what the statistics pass measures, one per part: the forget stream's
@@ -91,68 +85,116 @@ def stats_keys(cfg: Config, method: Method, model: Path, data: str | Path, plans
             for name, v in parts.items()}
 
 
+@dataclasses.dataclass
+class StatsNeed:
+    """What one run (a request, a trial) asks of the statistics pass: each part's cache key,
+    the streams to measure it on, and the pass's settings."""
+    job: StatsJob                  # the pass's settings (its splits and teacher layers are filled per pass)
+    keys: dict[str, str]           # part (forget, retain, teacher) -> cache key
+    plans: dict[str, RowPlan]
+    per_split: int                 # rows of each stream the pass reads
+    layers: list[int]              # vision layers of the teacher's features
+
+
+def stats_need(cfg: Config, method: Method, model: Path, data: str | Path, plans: dict[str, RowPlan],
+               tcfg: TrainConfig, trainable: list[str]) -> StatsNeed:
+    u = cfg.unlearn
+    # only the trainer settings the pass depends on, so runs that differ in, say, their
+    # learning rate share a pass
+    pass_cfg = TrainConfig(workers=tcfg.workers, cpus_per_worker=tcfg.cpus_per_worker, use_gpu=tcfg.use_gpu,
+                           batch_size=tcfg.batch_size, max_length=tcfg.max_length, seed=tcfg.seed)
+    job = StatsJob(model_path=str(model), cfg=pass_cfg, criterion=u.importance, importance=method.prunes,
+                   fisher_names=trainable if method.needs_fisher else [], splits=[])
+    return StatsNeed(job, stats_keys(cfg, method, model, data, plans, tcfg, trainable), plans,
+                     u.stat_batches * u.batch_size * tcfg.workers, list(u.vkd_layers))
+
+
+def measure_stats(needs: list[StatsNeed], data: str | Path, work: Path) -> list[list[str]]:
+    """Measure every part that these runs need and ``$VKD_CACHE/stats`` lacks, and keep
+    each there. Runs whose passes share settings (and teacher) share one pass: each of their
+    forget and retain streams is a dataset of the same Ray Train run, so a batch of N
+    requests starts one worker group for its statistics, not N. Returns the parts each pass
+    measured."""
+    import os
+
+    import torch
+
+    root = cache_root() / "stats"
+    groups: dict[str, dict[str, Any]] = {}
+    planned: set[str] = set()
+    for need in needs:
+        teacher = need.keys.get("teacher")
+        sig = json.dumps([dataclasses.asdict(need.job), teacher], sort_keys=True, default=str)
+        group = groups.setdefault(sig, {"need": need, "streams": {}, "teacher": False})
+        for part, key in need.keys.items():
+            if key in planned or (root / f"{key}.pt").is_file():
+                continue
+            planned.add(key)
+            if part == "teacher":
+                group["teacher"] = True
+            else:
+                group["streams"][f"{part}-{key}"] = (part, key, need.plans[part])
+    passes: list[list[str]] = []
+    for group in groups.values():
+        if not group["streams"] and not group["teacher"]:
+            continue
+        need = group["need"]
+        job = dataclasses.replace(need.job, splits=list(group["streams"]),
+                                  teacher_layers=need.layers if group["teacher"] else None)
+        datasets = {name: train_dataset(data, job.model_path, job.cfg, plan).limit(need.per_split)
+                    for name, (_, _, plan) in group["streams"].items()}
+        if group["teacher"]:
+            datasets["teacher"] = train_dataset(data, job.model_path, job.cfg, need.plans["retain"])
+        stats = run_stats(job, datasets, storage=work / "ray")
+        values = {key: stats[name] for name, (_, key, _) in group["streams"].items()}
+        if group["teacher"]:
+            values[need.keys["teacher"]] = stats["teacher"]
+        root.mkdir(parents=True, exist_ok=True)
+        for key, value in values.items():
+            tmp = root / f"{key}.{os.getpid()}.tmp"
+            torch.save(value, tmp)
+            tmp.rename(root / f"{key}.pt")
+        passes.append(sorted([part for part, _, _ in group["streams"].values()] + ["teacher"] * group["teacher"]))
+    return passes
+
+
 def cached_stats(cfg: Config, method: Method, model: Path, data: str | Path, plans: dict[str, RowPlan],
                  tcfg: TrainConfig, trainable: list[str], work: Path) -> tuple[dict[str, Any], list[str]]:
     """The statistics the method needs, each part taken from ``$VKD_CACHE/stats`` when an
     earlier run measured it and measured otherwise (on the trainer's workers) and kept.
     Returns the parts and the names of those measured now."""
-    import os
-
     import torch
 
-    u = cfg.unlearn
-    keys = stats_keys(cfg, method, model, data, plans, tcfg, trainable)
+    need = stats_need(cfg, method, model, data, plans, tcfg, trainable)
+    measured = [part for parts in measure_stats([need], data, work) for part in parts]
     root = cache_root() / "stats"
-    found = {part: torch.load(root / f"{key}.pt", weights_only=False) for part, key in keys.items()
-             if (root / f"{key}.pt").is_file()}
-    missing = [part for part in keys if part not in found]
-    if not missing:
-        return found, []
-    splits = [s for s in ("forget", "retain") if s in missing]
-    per_split = u.stat_batches * u.batch_size * tcfg.workers
-    datasets = {split: train_dataset(data, str(model), tcfg, plans[split]).limit(per_split) for split in splits}
-    if "teacher" in missing:
-        datasets["teacher"] = train_dataset(data, str(model), tcfg, plans["retain"])
-    job = StatsJob(model_path=str(model), cfg=tcfg, criterion=u.importance, importance=method.prunes,
-                   fisher_names=trainable if method.needs_fisher else [], splits=splits,
-                   teacher_layers=list(u.vkd_layers) if "teacher" in missing else None)
-    measured = run_stats(job, datasets, storage=work / "ray")
-    root.mkdir(parents=True, exist_ok=True)
-    for part in missing:
-        tmp = root / f"{keys[part]}.{os.getpid()}.tmp"
-        torch.save(measured[part], tmp)
-        tmp.rename(root / f"{keys[part]}.pt")
-        found[part] = measured[part]
-    return found, missing
+    return {part: torch.load(root / f"{key}.pt", weights_only=False) for part, key in need.keys.items()}, measured
 
 
-def warm_stats(configs: list[Config], model: Path, data: str | Path, forget: str | ForgetSet,
-               work_parent: Path) -> None:
-    """Measure, once, the statistics that runs with these configs will ask for (a study's
-    trials, a batch's requests), so concurrent runs find them cached instead of each
-    measuring the same thing."""
+def warm_stats(runs: Sequence[tuple[Config, str | ForgetSet]], model: Path, data: str | Path,
+               work_parent: Path) -> list[list[str]]:
+    """Measure, before any of them starts, the statistics that these runs (a study's trials,
+    a batch's requests: each a config and a forget set) will ask for, in as few passes as
+    their settings allow, so that they find them cached instead of each measuring its own.
+    Returns the parts each pass measured."""
     from vkd.model import ModelAdapter
     from vkd.train import trainable_names
 
     adapter = ModelAdapter.load(model)
-    seen: set[tuple[str, ...]] = set()
-    for cfg in configs:
+    needs = []
+    for cfg, forget in runs:
         method = method_for(cfg.unlearn)
         if not (method.needs_fisher or method.prunes or method.distills):
             continue
-        tcfg = unlearn_train_config(cfg)
-        plans = stream_plans(cfg, method, data, forget)
         trainable = trainable_names(adapter, method.trainable,
                                     cfg.unlearn.vision_layers if method.trainable == "visual" else 0)
-        keys = tuple(sorted(stats_keys(cfg, method, model, data, plans, tcfg, trainable).values()))
-        if keys in seen:
-            continue
-        seen.add(keys)
-        work = Path(tempfile.mkdtemp(prefix=".stats-", dir=work_parent))
-        try:
-            cached_stats(cfg, method, model, data, plans, tcfg, trainable, work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        needs.append(stats_need(cfg, method, model, data, stream_plans(cfg, method, data, forget),
+                                unlearn_train_config(cfg), trainable))
+    work = Path(tempfile.mkdtemp(prefix=".stats-", dir=work_parent))
+    try:
+        return measure_stats(needs, data, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def prepare_method(cfg: Config, method: Method, model: Path, data: str | Path, plans: dict[str, RowPlan],
@@ -244,13 +286,15 @@ def write_report(out: Path, title: str, before: dict[str, float], after: dict[st
 def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetSet, out: str | Path,
                 tags: dict[str, str] | None = None, register: bool = True, probes: int = 0,
                 callbacks: list[Any] | None = None, run_name: str | None = None,
-                keep_model: bool = True, before: dict[str, float] | None = None) -> dict[str, Any]:
+                keep_model: bool = True, before: dict[str, float] | None = None,
+                sample_before: dict[str, float] | None = None) -> dict[str, Any]:
     """Unlearn ``forget``'s entities from ``model`` into ``out`` (which must not exist).
     Returns the figures: before, after, the study objective, seconds, version, run id.
 
     ``probes`` > 0 (tune trials): the model is evaluated that many times during training,
     on the trainer's rank 0 (multiple-choice only), each result reported to ``callbacks``;
-    the last one is the ``after`` evaluation. Otherwise ``after`` is the full evaluation on
+    the last one is the ``after`` evaluation (``sample_before``: the starting model's scores
+    on the earlier evaluations' sample, when the caller has them). Otherwise ``after`` is the full evaluation on
     Ray Data. A ``tags["mlflow.parentRunId"]`` nests the run under a parent (a study).
     ``keep_model=False`` (tune trials): the weights are neither logged nor kept; the folder
     keeps the config, the report and the metrics."""
@@ -280,7 +324,8 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetS
             probe = {}
             if probes:
                 probe = {"data": str(data), "forget": forget, "eval": dataclasses.asdict(cfg.eval), "before": before,
-                         "start_model": str(base), "every": max(1, tcfg.max_steps // probes)}
+                         "start_model": str(base), "every": max(1, tcfg.max_steps // probes),
+                         "sample_before": sample_before}
             job = TrainJob(out_dir=str(out), cfg=tcfg, total_steps=tcfg.max_steps, method=cfg.unlearn.method,
                            unlearn=dataclasses.asdict(cfg.unlearn), reference_path=str(base),
                            mlflow={"tracking_uri": tracking_uri(cfg.mlflow), "run_id": run.info.run_id},

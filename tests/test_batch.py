@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import time
 import pytest
 import yaml
 
+from pipelines.common import free_port
 from tests.conftest import ROOT, SMALL_MODEL
 from vkd.batch import check_result, load_manifest
 from vkd.config import ConfigError
@@ -85,12 +85,6 @@ def test_thresholds_accept_and_reject_with_reasons():
     assert len(reasons) == 2 and "forget_vqa 0.500 > max 0.35" in reasons[0] and "min_ratio 0.95" in reasons[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit_stop_and_resubmit_does_each_request_once(small_data, tiny_path, tmp_path):
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -107,7 +101,7 @@ def test_ray_job_submit_stop_and_resubmit_does_each_request_once(small_data, tin
                      {"id": "second", "entities": ["0002", "0003"], "overrides": {"unlearn.lr": 1.0e-3}},
                      {"id": "third", "entities": ["0004"], "accept": {"retain_vqa_min": 1.01}}]})
     out = tmp_path / "out"
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(PYTHONPATH=str(ROOT), VKD_CACHE=str(tmp_path / "cache"))
     bindir = os.path.dirname(sys.executable)
@@ -115,9 +109,9 @@ def test_ray_job_submit_stop_and_resubmit_does_each_request_once(small_data, tin
                              "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dash}", "--disable-usage-stats",
                              # its own agent ports: another Ray on this machine may hold the defaults
-                             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-                             f"--ray-client-server-port={_free_port()}"],
+                             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                             f"--ray-client-server-port={free_port()}"],
                             env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"

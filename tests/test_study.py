@@ -73,10 +73,12 @@ def test_a_study_leaves_its_table_and_plots(tmp_path):
                      "objective": (f + p) / 2, "forgetting": f, "preservation": p, "forget_vqa": 0.8 - f / 2,
                      "test_vqa": 0.8, "forget_qa": 0.9, "retain_vqa": 0.9 * p, "retain_qa": 0.9, "reports": 2,
                      "seconds": 10.0})
-    rows.append({"trial": "t9", "status": "stopped early", "unlearn.d_i": 0.05, "unlearn.d_f": 0.5, "reports": 1})
+    rows.append({"trial": "t9", "status": "stopped early", "unlearn.d_i": 0.0007, "unlearn.d_f": 0.5, "reports": 1})
     paths = write_outputs(tmp_path, space, rows)
     assert {p.name for p in paths} == {"trials.csv", "trials.md", "sensitivity.png", "heatmaps.png", "pareto.png"}
     table = list(csv.DictReader((tmp_path / "trials.csv").open()))
     assert [r["trial"] for r in table][:4] == [r["trial"] for r in sorted(rows[:4], key=lambda r: -r["objective"])]
     assert table[-1]["status"] == "stopped early" and table[-1]["objective"] == ""
+    md = (tmp_path / "trials.md").read_text()
+    assert "| t9 | stopped early | 0.0007 | 0.5 |" in md  # parameters as given, not rounded to 0.001
     assert all((tmp_path / n).stat().st_size > 5000 for n in ("sensitivity.png", "heatmaps.png", "pareto.png"))

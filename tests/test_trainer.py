@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.common import free_port
 from tests.conftest import ROOT, SMALL_MODEL
 from vkd.config import TrainConfig
 from vkd.data.items import expand_train_row
@@ -40,6 +41,22 @@ def _train(small_data, tiny_path, out: Path, **job_fields):
     cfg = job_fields.pop("cfg", SMALL_TRAIN)
     job = TrainJob(model_path=str(tiny_path), out_dir=str(out), cfg=cfg, total_steps=cfg.max_steps, **job_fields)
     return run_training(job, train_datasets(small_data, str(tiny_path), cfg), storage=out.parent / "ray")
+
+
+def test_the_embedded_ray_tells_its_processes_its_own_address(ray_local):
+    """Ray Train's placement-group cleaner asks the cluster at RAY_ADDRESS (else the last
+    `ray start` in /tmp/ray) whether the controller lives: the embedded Ray must name itself."""
+    seen = ray_local.get(ray_local.remote(lambda: os.environ.get("RAY_ADDRESS")).remote())
+    assert seen == ray_local.get_runtime_context().gcs_address
+    assert "RAY_GCS_SERVER_PORT" not in os.environ  # borrowed for the start only
+
+
+def test_a_single_worker_runs_zero_stage_0_and_several_keep_theirs():
+    from pipelines.trainer import engine_config
+
+    assert engine_config(SMALL_TRAIN, 1).zero_stage == 0 and SMALL_TRAIN.zero_stage == 2
+    assert engine_config(SMALL_TRAIN, 2).zero_stage == 2
+    assert engine_config(dataclasses.replace(SMALL_TRAIN, zero_stage=3), 1).zero_stage == 3
 
 
 def test_two_worker_zero2_run_lowers_the_loss(small_data, tiny_path, tmp_path, ray_local):
@@ -98,16 +115,10 @@ def test_vanilla_on_the_sqlite_default_never_overwrites(small_data, tmp_path):
     assert len(client.search_model_versions("name='vkd-synthetic-vanilla'")) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vanilla_against_a_real_mlflow_server(small_data, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

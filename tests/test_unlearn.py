@@ -100,6 +100,34 @@ def test_every_method_raises_the_forget_loss(name, small_data, tiny_path):
     assert forget_nll() > before + 0.05, (name, before, forget_nll())
 
 
+def test_vkd_without_retain_cross_entropy_keeps_the_llm_off_the_retain_images(small_data, tiny_path):
+    """retain_weight 0: the step runs the LLM on the forget batch only, with the same
+    forget term and the same distillation term as the step that also scores the retain
+    answers."""
+    adapter = ModelAdapter.load(tiny_path)
+    forget_ids = set(load_meta(small_data).entity_ids("forget_10"))
+    forget, retain = _batches(small_data, adapter, forget_ids)
+    feats = visual_features(adapter, retain["pixel_values"], [1])
+    table = {int(k): {n: f[i] for n, f in feats.items()} for i, k in enumerate(retain["image_key"])}
+    with torch.no_grad():  # a student whose features differ from the teacher's
+        for p in adapter.model.model.multi_modal_projector.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    calls = []
+    hook = adapter.model.model.language_model.register_forward_hook(lambda *_: calls.append(1))
+    figures = {}
+    for weight in (1.0, 0.0):
+        cfg = UnlearnConfig(method="vkd", retain_weight=weight, vkd_layers=[1])
+        ctx = StepContext(adapter=adapter, cfg=cfg, teacher=table)
+        calls.clear()
+        _, figures[weight] = method_for(cfg).loss(adapter.model, {"forget": dict(forget), "retain": dict(retain)}, ctx)
+        figures[weight]["llm_calls"] = len(calls)
+    hook.remove()
+    assert figures[1.0]["llm_calls"] == 2 and figures[0.0]["llm_calls"] == 1
+    assert figures[0.0]["vkd"] == pytest.approx(figures[1.0]["vkd"], rel=1e-5) and figures[0.0]["vkd"] > 0
+    assert figures[0.0]["forget_term"] == pytest.approx(figures[1.0]["forget_term"], rel=1e-6)
+    assert figures[0.0]["retain_nll"] == 0.0 < figures[1.0]["retain_nll"]
+
+
 def test_the_vkd_term_pulls_retain_features_to_the_teacher(small_data, tiny_path):
     """Start from a student whose projector is perturbed; train on the VKD loss with a
     bounded forget term (refusal) and no retain cross-entropy: with beta the retain features
@@ -186,6 +214,47 @@ def test_vkd_run_on_ray_keeps_the_llm_and_the_pruned_neurons(small_data, tiny_pa
     assert figures["after"]["forget_qa"] == figures["before"]["forget_qa"]  # text path untouched
     assert (out / "report.md").is_file() and (out / "report.png").stat().st_size > 1000
     assert figures["version"] == 1 and figures["registered_name"].endswith("-unlearned")
+
+
+def _same_stats(a, b) -> bool:
+    if isinstance(a, SplitStats):
+        return (a.batches == b.batches and a.positions == b.positions
+                and all(set(x) == set(y) and all(torch.allclose(x[k], y[k]) for k in x)
+                        for x, y in ((a.importance, b.importance), (a.fisher, b.fisher))))
+    return set(a) == set(b) and all(torch.allclose(a[k][n], b[k][n]) for k in a for n in a[k])
+
+
+def test_one_statistics_pass_measures_each_request_as_its_own_pass_would(small_data, tiny_path, tmp_path,
+                                                                          ray_local, monkeypatch):
+    """A batch's requests share one statistics pass (one Ray Train run): every forget
+    stream, the shared retain stream and the teacher, each the same as a pass of its own."""
+    from pipelines.unlearn import cached_stats, stats_need, stream_plans, unlearn_train_config, warm_stats
+    from vkd.data.layout import ForgetSet
+
+    ids = [e.id for e in load_meta(small_data).entities]
+    sets = [ForgetSet("a", (ids[0],), tuple(ids[2:])), ForgetSet("b", (ids[1],), tuple(ids[2:]))]
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in dataclasses.asdict(SMALL_MODEL).items()] + [
+        "train.workers=1", "train.max_length=96", "unlearn.batch_size=4", "unlearn.stat_batches=2",
+        "unlearn.retain_rows=12", "unlearn.vision_layers=1"])
+    method = method_for(cfg.unlearn)
+    tcfg = unlearn_train_config(cfg)
+    trainable = trainable_names(ModelAdapter.load(tiny_path), "visual", 1)
+
+    monkeypatch.setenv("VKD_CACHE", str(tmp_path / "together"))
+    passes = warm_stats([(cfg, fs) for fs in sets], tiny_path, small_data, tmp_path)
+    assert passes == [["forget", "forget", "retain", "teacher"]]
+    assert warm_stats([(cfg, fs) for fs in sets], tiny_path, small_data, tmp_path) == []  # all cached now
+
+    plans = stream_plans(cfg, method, small_data, sets[1])
+    need = stats_need(cfg, method, tiny_path, small_data, plans, tcfg, trainable)
+    together = {part: torch.load(tmp_path / "together" / "stats" / f"{key}.pt", weights_only=False)
+                for part, key in need.keys.items()}
+    monkeypatch.setenv("VKD_CACHE", str(tmp_path / "alone"))
+    alone, measured = cached_stats(cfg, method, tiny_path, small_data, plans, tcfg, trainable, tmp_path)
+    assert sorted(measured) == ["forget", "retain", "teacher"]
+    for part in ("forget", "retain", "teacher"):
+        assert _same_stats(together[part], alone[part]), f"the shared pass measured {part} differently"
+    assert not _same_stats(together["forget"], together["retain"])
 
 
 def test_the_relearning_attack_holds_entities_out():

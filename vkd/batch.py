@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from vkd.config import Config, ConfigError, load_config
+from vkd.config import Config, ConfigError, load_config, override
 from vkd.data.layout import BenchmarkError, load_meta
 
 MODES = ("independent", "sequential")
@@ -80,11 +80,7 @@ class Manifest:
         fields = {**self.defaults, **request.overrides}
         if request.method:
             fields["unlearn.method"] = request.method
-        return load_config(self.config, [f"{k}={_yaml_value(v)}" for k, v in fields.items()])
-
-
-def _yaml_value(value: Any) -> str:
-    return value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+        return load_config(self.config, [override(k, v) for k, v in fields.items()])
 
 
 def check_result(accept: dict[str, float], before: dict[str, float], after: dict[str, float]) -> list[str]:

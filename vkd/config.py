@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -161,6 +162,10 @@ class Config:
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
+    def updated(self, overrides: list[str] | tuple[str, ...]) -> "Config":
+        """This config with ``section.field=value`` overrides applied, validated again."""
+        return _build(Config, _apply(self.to_dict(), overrides), "")
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
@@ -259,12 +264,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for dotted, value in flatten(extra or {}).items():
         if value is not None:
             _set_path(tree, dotted, value)
+    return _build(Config, _apply(tree, overrides), "")
+
+
+def _apply(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, value = item.split("=", 1)
         _set_path(tree, key.strip(), yaml.safe_load(value))
-    return _build(Config, tree, "")
+    return tree
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -276,3 +285,16 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{k}"] = v
     return flat
+
+
+def cache_root() -> Path:
+    """Where runs keep what they can reuse (models, evaluations, statistics):
+    ``$VKD_CACHE``, by default ``.vkd/cache``, as an absolute path."""
+    return Path(os.environ.get("VKD_CACHE", ".vkd/cache")).resolve()
+
+
+def override(name: str, value: Any) -> str:
+    """The ``section.field=value`` override that sets ``name`` to ``value`` (YAML for
+    anything but a string)."""
+    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    return f"{name}={text}"

@@ -197,7 +197,10 @@ class VKD(Method):
     pruning the neurons that matter for the forget entities and masking updates by Fisher
     saliency. L_out = forget term (GA by default) + retain cross-entropy on retain image
     pairs; L_VKD = distance between the student's and the frozen teacher's visual features
-    (projector output, and vision layers ``vkd_layers``) on the retain images."""
+    (projector output, and vision layers ``vkd_layers``) on the retain images. With
+    ``retain_weight`` 0 the retain images only pass through the visual module (the LLM is
+    frozen, so features held to the teacher's keep its answers), which halves the LLM's work
+    per step."""
     trainable = "visual"
     streams = ("forget", "retain")
     retain_text = False            # text-only pairs never reach the visual module
@@ -215,7 +218,11 @@ class VKD(Method):
         retain = batches["retain"]
         keys = retain.pop("image_key")
         with feature_tap(ctx.adapter, self.cfg.vkd_layers) as tapped:
-            r = nll(model, retain)
+            if self.cfg.retain_weight:
+                r = nll(model, retain)
+            else:  # no retain cross-entropy: the retain images need the visual module, not the LLM
+                ctx.adapter.image_features(retain["pixel_values"])
+                r = torch.zeros((), device=retain["pixel_values"].device)
         distill = torch.zeros((), device=r.device)
         for name, student in tapped.items():
             teacher = torch.stack([ctx.teacher[int(k)][name] for k in keys.tolist()]).to(student.device)

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from vkd.config import ModelConfig
+from vkd.config import ModelConfig, cache_root
 from vkd.registry import Registry
 
 GROUPS = ("vision", "projector", "llm")
@@ -77,10 +77,11 @@ def family_for(model_type: str) -> Family:
 class ModelAdapter:
     """A loaded multimodal model with its processor."""
 
-    def __init__(self, model: nn.Module, processor: Any):
-        self.model = model
+    def __init__(self, model: nn.Module | None, processor: Any, config: Any = None):
+        self.model = model  # None: loaded for its processor alone (tokenising)
         self.processor = processor
-        self.family = family_for(model.config.model_type)
+        self.config = config if model is None else model.config
+        self.family = family_for(self.config.model_type)
         self.tokenizer = processor.tokenizer
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -88,7 +89,9 @@ class ModelAdapter:
 
     # --- loading and saving ----------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, dtype: str = "float32") -> "ModelAdapter":
+    def load(cls, path: str | Path, dtype: str = "float32", weights: bool = True) -> "ModelAdapter":
+        """The model and processor of a checkpoint folder; ``weights=False``: the processor
+        and config alone (what tokenising needs), without loading the weights."""
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         path = Path(path)
@@ -98,8 +101,10 @@ class ModelAdapter:
             )
         config = AutoConfig.from_pretrained(path)
         family_for(config.model_type)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
         processor = AutoProcessor.from_pretrained(path)
+        if not weights:
+            return cls(None, processor, config)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
         model.eval()
         return cls(model, processor)
 
@@ -278,7 +283,6 @@ def resolve_model(spec: str | Path, cfg: ModelConfig, data: str | Path, cache: s
     """The folder of model ``spec``: a checkpoint folder as given, or for ``tiny`` the tiny
     model of ``cfg`` for benchmark ``data``, built once and kept in the cache folder
     (``$VKD_CACHE`` or ``.vkd/cache``)."""
-    import os
     import shutil
     import tempfile
 
@@ -294,7 +298,7 @@ def resolve_model(spec: str | Path, cfg: ModelConfig, data: str | Path, cache: s
     image_size = cfg.image_size or int(meta.extra.get("image_size", 0) or 0)
     if not image_size:
         raise ModelError(f"benchmark {data} does not record an image size; set model.image_size for the tiny model")
-    root = Path(cache or os.environ.get("VKD_CACHE", ".vkd/cache")).resolve()
+    root = Path(cache).resolve() if cache else cache_root()
     target = root / f"tiny-{tiny_key(cfg, data_fingerprint(data))}"
     if (target / "config.json").is_file():
         return target

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from vkd.config import ConfigError, load_config
+from vkd.config import ConfigError, load_config, override
 
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
@@ -139,8 +139,7 @@ def _check_value(name: str, value: Any, where: str, base_config: str | Path | No
     if "." not in name:
         raise _fail(where, "name a config field as section.field, e.g. unlearn.beta")
     try:
-        load_config(base_config, [f"{name}={yaml.safe_dump(value, default_flow_style=True).strip()}"]
-                    if not isinstance(value, str) else [f"{name}={value}"])
+        load_config(base_config, [override(name, value)])
     except ConfigError as err:
         raise _fail(where, str(err)) from None
 
@@ -207,12 +206,14 @@ def write_outputs(out: str | Path, space: SearchSpace, rows: list[dict[str, Any]
         writer.writeheader()
         writer.writerows(table)
 
-    def cell(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
+    def cell(v: Any, column: str) -> str:  # parameters as given (a learning rate of 7e-4 stays 7e-4)
+        if isinstance(v, float):
+            return f"{v:.4g}" if column in params else f"{v:.3f}"
+        return "" if v is None else str(v)
     md = [f"# Study {space.name}", "", f"{len(done)} of {len(rows)} trials finished; objective: vkd.study.objective "
           "(higher is better); pareto: on the front of forgetting vs preservation.", "",
           "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    md += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in table]
+    md += ["| " + " | ".join(cell(r.get(c), c) for c in columns) + " |" for r in table]
     (out / "trials.md").write_text("\n".join(md) + "\n")
     paths = [out / "trials.csv", out / "trials.md"]
     if not done:

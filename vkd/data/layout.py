@@ -18,6 +18,7 @@ Image_Textual_Questions and Pure_Text_Questions, each a list of
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 from dataclasses import dataclass, field
@@ -203,6 +204,26 @@ def shard_paths(data: Path, split: str) -> list[Path]:
     return paths
 
 
+def shards_holding(data: Path, split: str, ids: Iterable[str] | None) -> list[Path]:
+    """The shards of a split that hold rows of these entities (every shard for None), from
+    each shard's ID column alone: a stream of a few entities reads a few shards, not the
+    split. A shard whose IDs cannot be read is kept (reading it reports the problem)."""
+    paths = shard_paths(data, split)
+    if ids is None:
+        return paths
+    wanted = set(ids)
+    held = [p for p in paths if (found := _shard_ids(str(p), p.stat().st_mtime_ns)) is None or wanted & found]
+    return held or paths[:1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _shard_ids(path: str, mtime_ns: int) -> frozenset[str] | None:
+    try:
+        return frozenset(pq.read_table(path, columns=["ID"]).column("ID").to_pylist())
+    except (pa.ArrowInvalid, OSError, KeyError):
+        return None
+
+
 def check_columns(table_schema: pa.Schema, split: str, where: str) -> None:
     missing = [n for n in schema_of(split).names if n not in table_schema.names]
     if missing:
@@ -215,7 +236,7 @@ def check_columns(table_schema: pa.Schema, split: str, where: str) -> None:
 def read_rows(data: Path, split: str, ids: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
     """Yield the rows of a split (optionally only those entities), checking the columns."""
     wanted = set(ids) if ids is not None else None
-    for path in shard_paths(data, split):
+    for path in shards_holding(data, split, wanted):
         try:
             table = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as err:
