@@ -52,6 +52,9 @@ def main() -> None:
         work = root / f"batch-{n}"
         work.mkdir(parents=True, exist_ok=True)
         os.environ["VKD_CACHE"] = str(work / "cache")
+        # MLFLOW_TRACKING_URI wins over a config's SQLite file (and MLflow exports it once
+        # set), so each batch names its own store: the second must not find the first's runs
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
         manifest = {"model": str(Path(args.model).resolve()), "data": str(Path(args.data).resolve()),
                     "config": args.config, "mode": "independent", "defaults": defaults,
                     "requests": [{"id": f"e{e}", "entities": [e]} for e in entities[:n]]}
