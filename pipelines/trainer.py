@@ -58,6 +58,8 @@ def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, max_length: in
         from vkd.train import Tokenize
 
         torch.set_num_threads(1)  # a helper beside the train workers: never take every core
+        while len(_TOKENIZERS) >= 4:  # each run's model folder is new: keep the last few only
+            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
         _TOKENIZERS[key] = Tokenize(ModelAdapter.load(model_path, weights=False), max_length)
     items = [{"image": batch["image"][i], "questions": list(batch["questions"][i]),
               "answers": list(batch["answers"][i]), "source": str(batch["source"][i])}
