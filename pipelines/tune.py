@@ -222,7 +222,7 @@ def run_study(cfg: Config, space: SearchSpace, model: str, data: str | Path, for
                        "start_model": str(base_model)})
         sample_before = probe.start_scores()
     points = space.grid_points() if space.search == "grid" else [{}]
-    warm_stats([(load_config(out / "base.yaml", overrides(pt)), forget) for pt in points], base_model, data, out)
+    warm_stats([(base.updated(overrides(pt)), forget) for pt in points], base_model, data, out)
     parent = _study_run(base, space, out, identity)
     study = {"base": str(out / "base.yaml"), "model": str(base_model), "data": str(data), "forget": forget,
              "out": str(out), "reports": space.reports, "name": space.name, "parent_run_id": parent,
