@@ -67,6 +67,55 @@ def tokenize_batch(batch: dict[str, np.ndarray], model_path: str, max_length: in
     return _TOKENIZERS[key](items)
 
 
+class Ahead:
+    """Iterates ``items`` in a background thread, up to ``depth`` items ahead of the consumer.
+    A step that draws from several Ray Data streams starts them side by side instead of one
+    after the other (each stream's start costs seconds), and a statistics pass starts its
+    next stream while it works on the current one. The producer's errors reach the consumer."""
+    _END = object()
+
+    def __init__(self, items: Any, depth: int = 2):
+        import queue
+        import threading
+
+        self._queue: Any = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(items,), daemon=True)
+        self._thread.start()
+
+    def _produce(self, items: Any) -> None:
+        import queue
+
+        try:
+            for item in items:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put((item, None), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put((self._END, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            self._queue.put((self._END, error))
+
+    def __iter__(self) -> "Ahead":
+        return self
+
+    def __next__(self) -> Any:
+        item, error = self._queue.get()
+        if error is not None:
+            raise error
+        if item is self._END:
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the producer (it may hold an endless stream)."""
+        self._stop.set()
+
+
 @dataclass
 class RowPlan:
     """Which ft_Data rows a stream reads and how each becomes training sequences."""
@@ -304,7 +353,10 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
         for stream in method.streams:
             dataset = "align" if stream == "train" and step < cfg.align_steps else stream
             if sources.get(stream, ("",))[0] != dataset:
-                sources[stream] = (dataset, batches(dataset, step))
+                if stream in sources:
+                    sources[stream][1].close()
+                sources[stream] = (dataset, Ahead(batches(dataset, step)))
+        for stream in method.streams:
             batch = next(sources[stream][1])
             inputs[stream] = model_inputs({k: v.to(engine.device) for k, v in batch.items()}, keys=method.distills)
         if start is not None:
@@ -358,6 +410,8 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
                 if done:
                     _save_hf(engine, adapter, Path(tmp) / "hf", rank, cfg.zero_stage)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    for _, source in sources.values():
+        source.close()
     if bar is not None:
         bar.close()
 
@@ -472,6 +526,11 @@ def stats_loop(job_dict: dict[str, Any]) -> None:
     modules = neuron_modules(adapter)
     params = dict(model.named_parameters())
 
+    # every stream starts now, side by side; each is read to its end in turn below
+    streams = {split: Ahead(ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=job.cfg.batch_size))
+               for split in job.splits}
+    if job.teacher_layers is not None:
+        streams["teacher"] = Ahead(ray.train.get_dataset_shard("teacher").iter_torch_batches(batch_size=64))
     stats = {}
     for split in job.splits:
         # zeros first, so every rank all-reduces the same tensors even with an empty shard
@@ -481,14 +540,14 @@ def stats_loop(job_dict: dict[str, Any]) -> None:
             st.positions = {n: 0.0 for n in modules}
         meter = neuron_meter(adapter, st, job.criterion) if job.importance else contextlib.nullcontext()
         with meter:
-            for batch in ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=job.cfg.batch_size):
+            for batch in streams[split]:
                 nll(model, model_inputs(batch)).backward()
                 accumulate_fisher(model, st, wanted)
         stats[split] = st
 
     teacher: dict[int, dict[str, torch.Tensor]] = {}
     if job.teacher_layers is not None:
-        for batch in ray.train.get_dataset_shard("teacher").iter_torch_batches(batch_size=64):
+        for batch in streams["teacher"]:
             has = batch["has_image"].bool()
             keys = batch["image_key"][has].tolist()
             new = [i for i, k in enumerate(keys) if k not in teacher]

@@ -59,6 +59,41 @@ def test_a_single_worker_runs_zero_stage_0_and_several_keep_theirs():
     assert engine_config(dataclasses.replace(SMALL_TRAIN, zero_stage=3), 1).zero_stage == 3
 
 
+def test_streams_read_ahead_keep_their_order_start_side_by_side_and_pass_errors_on():
+    from pipelines.trainer import Ahead
+
+    def slow(tag: str, n: int, fail: bool = False):
+        time.sleep(0.5)  # a stream's start
+        for i in range(n):
+            yield (tag, i)
+        if fail:
+            raise OSError(f"shard of {tag} unreadable")
+
+    t0 = time.perf_counter()
+    a, b = Ahead(slow("a", 5)), Ahead(slow("b", 3, fail=True))
+    assert next(a) == ("a", 0) and next(b) == ("b", 0)
+    assert time.perf_counter() - t0 < 0.9  # both started at once, not 0.5 s after each other
+    assert list(a) == [("a", i) for i in range(1, 5)]
+    assert [next(b), next(b)] == [("b", 1), ("b", 2)]
+    try:
+        next(b)
+        raise AssertionError("the producer's error was lost")
+    except OSError as error:
+        assert "shard of b" in str(error)
+
+    def endless():
+        i = 0
+        while True:
+            i += 1
+            yield i
+
+    c = Ahead(endless(), depth=2)
+    assert next(c) == 1
+    c.close()
+    c._thread.join(timeout=3)
+    assert not c._thread.is_alive()  # closing stops a producer of an endless stream
+
+
 def test_two_worker_zero2_run_lowers_the_loss(small_data, tiny_path, tmp_path, ray_local):
     result = _train(small_data, tiny_path, tmp_path / "trained", name="loss")
     assert result.metrics["step"] == SMALL_TRAIN.max_steps and result.metrics["resumed_from"] == 0
