@@ -116,6 +116,10 @@ class Ahead:
         self._stop.set()
 
 
+INLINE_BYTES = 256 << 20   # a stream whose shards are at most this size is read in the driver
+INLINE_BLOCK_ROWS = 16     # ft_Data rows per block of such a stream: its first batch is tokenised early
+
+
 @dataclass
 class RowPlan:
     """Which ft_Data rows a stream reads and how each becomes training sequences."""
@@ -137,7 +141,8 @@ class RowPlan:
         from vkd.data.items import naming_sequences, train_sequences
 
         row = dict(row)
-        row["_source"] = f"{row.pop('path', 'ft_Data')}, entity {row.get('ID')}"
+        where = row.pop("path", None)  # a streamed read names the shard; a read in the driver, the shard and row
+        row["_source"] = f"{where}, entity {row.get('ID')}" if where else row.get("_source", f"ft_Data, entity {row.get('ID')}")
         if self.names is not None:
             seqs = naming_sequences(row, self.names.get(row.get("ID"), ""))
         else:
@@ -152,15 +157,28 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
     shuffled -> sequences -> arrays, streamed."""
     import ray
 
-    from vkd.data.layout import TRAIN_SPLIT, shards_holding
+    from vkd.data.layout import TRAIN_SPLIT, read_rows, shards_holding
 
     plan = plan or RowPlan(turns=cfg.turns, seed=cfg.seed)
-    ds = ray.data.read_parquet([str(p) for p in shards_holding(Path(data), TRAIN_SPLIT, plan.ids)], include_paths=True)
-    if plan.ids is not None or plan.image_only or plan.rows is not None:
-        ds = ds.filter(plan.keep)
-    # Rows come grouped by entity; shuffle them globally (a few MB) before they fan out into
-    # sequences, so each worker's local shuffle buffer mixes many entities.
-    ds = ds.random_shuffle(seed=plan.seed).flat_map(plan.sequences)
+    shards = shards_holding(Path(data), TRAIN_SPLIT, plan.ids)
+    # Rows come grouped by entity; shuffle them globally before they fan out into sequences,
+    # so each worker's local shuffle buffer mixes many entities.
+    if sum(p.stat().st_size for p in shards) <= INLINE_BYTES:
+        # A small stream (an unlearning's forget or retain rows, the demo's whole split):
+        # read, filter and shuffle here, in milliseconds. Ray Data's file listing, read
+        # tasks and all-to-all shuffle would cost a stream 8-18 s to its first batch, most
+        # of it starting their worker processes.
+        import random
+
+        rows = [r for r in read_rows(Path(data), TRAIN_SPLIT, plan.ids) if plan.keep(r)]
+        random.Random(plan.seed).shuffle(rows)
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / INLINE_BLOCK_ROWS)))
+    else:
+        ds = ray.data.read_parquet([str(p) for p in shards], include_paths=True)
+        if plan.ids is not None or plan.image_only or plan.rows is not None:
+            ds = ds.filter(plan.keep)
+        ds = ds.random_shuffle(seed=plan.seed)
+    ds = ds.flat_map(plan.sequences)
     return ds.map_batches(tokenize_batch, fn_kwargs={"model_path": model_path, "max_length": cfg.max_length},
                           batch_size=64, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=1),
                           num_cpus=0.5)
