@@ -94,6 +94,26 @@ def test_streams_read_ahead_keep_their_order_start_side_by_side_and_pass_errors_
     assert not c._thread.is_alive()  # closing stops a producer of an endless stream
 
 
+def test_a_small_stream_read_in_the_driver_holds_what_the_streamed_read_holds(small_data, tiny_path, ray_local,
+                                                                              monkeypatch):
+    from pipelines import trainer
+    from vkd.data.layout import load_meta
+
+    meta = load_meta(small_data)
+    plan = trainer.RowPlan(ids=frozenset(meta.entity_ids("forget_10")), image_only=True, seed=3)
+
+    def content(ds) -> list[tuple]:
+        rows = ds.take_all()
+        return sorted((tuple(r["input_ids"].tolist()), tuple(r["labels"].tolist())) for r in rows)
+
+    inline = trainer.train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan)
+    monkeypatch.setattr(trainer, "INLINE_BYTES", 0)
+    streamed = trainer.train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan)
+    assert "RandomShuffle" not in str(inline) and "RandomShuffle" in str(streamed)
+    got = content(inline)
+    assert got and got == content(streamed)
+
+
 def test_two_worker_zero2_run_lowers_the_loss(small_data, tiny_path, tmp_path, ray_local):
     result = _train(small_data, tiny_path, tmp_path / "trained", name="loss")
     assert result.metrics["step"] == SMALL_TRAIN.max_steps and result.metrics["resumed_from"] == 0
