@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, SMALL_MODEL
-from vkd.config import UnlearnConfig, load_config
+from vkd.config import ConfigError, UnlearnConfig, load_config
 from vkd.data.items import train_sequences
 from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows
 from vkd.methods import StepContext, feature_distance, method_for, visual_features
@@ -98,6 +98,37 @@ def test_every_method_raises_the_forget_loss(name, small_data, tiny_path):
         loss.backward()
         opt.step()
     assert forget_nll() > before + 0.05, (name, before, forget_nll())
+
+
+def test_capped_ascent_stops_on_sequences_already_forgotten(small_data, tiny_path):
+    """forget_cap: a sequence whose answer NLL is at the cap adds no gradient; below it,
+    the term is GA's per-sequence mean and pushes the answers down."""
+    from vkd.methods import answer_logps, capped_nll
+
+    adapter = ModelAdapter.load(tiny_path)
+    forget, _ = _batches(small_data, adapter, set(load_meta(small_data).entity_ids("forget_10")))
+    forget.pop("image_key")
+    with torch.no_grad():
+        logp, mask, _ = answer_logps(adapter.model, forget)
+        per_sequence = -logp.sum(1) / mask.sum(1)
+    cap = float(per_sequence.median())
+    method = method_for(UnlearnConfig(method="vkd", forget_cap=cap))
+    ctx = StepContext(adapter=adapter, cfg=method.cfg)
+    visual = [p for n, p in adapter.model.named_parameters() if "vision" in n or "projector" in n]
+
+    def grads(inputs):
+        adapter.model.zero_grad()
+        method.forget_term(adapter.model, inputs, ctx).backward()
+        return torch.cat([p.grad.reshape(-1) for p in visual if p.grad is not None])
+
+    above, below = per_sequence > cap + 1e-3, per_sequence < cap - 1e-3
+    assert above.any() and below.any()
+    assert torch.count_nonzero(grads({k: v[above] for k, v in forget.items()})) == 0  # all past the cap
+    assert torch.count_nonzero(grads({k: v[below] for k, v in forget.items()})) > 0
+    with torch.no_grad():
+        assert float(capped_nll(adapter.model, forget, 1e9)) == pytest.approx(float(per_sequence.mean()), rel=1e-5)
+    with pytest.raises(ConfigError, match="forget_cap"):
+        method_for(UnlearnConfig(forget_cap=-1.0))
 
 
 def test_vkd_without_retain_cross_entropy_keeps_the_llm_off_the_retain_images(small_data, tiny_path):

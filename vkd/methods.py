@@ -51,6 +51,15 @@ def nll(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return -logp.sum() / mask.sum().clamp(min=1)
 
 
+def capped_nll(model: nn.Module, inputs: dict[str, torch.Tensor], cap: float) -> torch.Tensor:
+    """Mean over sequences of each one's answer NLL, clipped at ``cap``: a sequence already
+    at the cap adds no gradient, so ascent on it pushes the forget answers down to a level
+    and stops, instead of running on (and dragging the shared visual features along)."""
+    logp, mask, _ = answer_logps(model, inputs)
+    per_sequence = -logp.sum(1) / mask.sum(1).clamp(min=1)
+    return per_sequence.clamp(max=cap).mean()
+
+
 @contextmanager
 def feature_tap(adapter: ModelAdapter, layers: list[int]) -> Iterator[dict[str, torch.Tensor]]:
     """Capture, during any forward, the projector's output (``projector``: the image tokens
@@ -104,6 +113,8 @@ class Method:
     # --- shared terms ---
     def forget_term(self, model: nn.Module, forget: dict[str, torch.Tensor], ctx: StepContext) -> torch.Tensor:
         kind = self.cfg.forget_loss
+        if kind == "ga" and self.cfg.forget_cap > 0:
+            return -capped_nll(model, forget, self.cfg.forget_cap)
         if kind == "ga" or kind == "refusal":  # refusal: the forget stream carries the refusal answer
             value = nll(model, forget)
             return -value if kind == "ga" else value
@@ -248,9 +259,10 @@ def method_for(cfg: UnlearnConfig) -> Method:
     for name, mode in (("d_i", cfg.d_i_mode), ("d_f", cfg.d_f_mode)):
         if mode == "top_fraction" and not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ConfigError(f"unlearn.{name}={getattr(cfg, name)} must lie in [0, 1] with {name}_mode=top_fraction")
-    if cfg.lr <= 0 or cfg.npo_beta <= 0 or cfg.beta < 0 or cfg.retain_rows < 0 or cfg.vision_layers < 0:
-        raise ConfigError("unlearn.lr and unlearn.npo_beta must be positive; unlearn.beta, unlearn.retain_rows "
-                          "and unlearn.vision_layers must not be negative")
+    if (cfg.lr <= 0 or cfg.npo_beta <= 0 or cfg.beta < 0 or cfg.retain_rows < 0 or cfg.vision_layers < 0
+            or cfg.forget_cap < 0):
+        raise ConfigError("unlearn.lr and unlearn.npo_beta must be positive; unlearn.beta, unlearn.retain_rows, "
+                          "unlearn.vision_layers and unlearn.forget_cap must not be negative")
     return METHODS.get(cfg.method)(cfg)
 
 
