@@ -106,7 +106,7 @@ class UnlearnConfig:
     retain_rows: int = 600           # retain-entity training rows sampled for D_r (0: all of them)
     retain_weight: float = 1.0       # weight of the retain cross-entropy (gd, npo, mmunlearner, vkd) or KL (kl)
     forget_loss: str = "ga"          # vkd: ga (ascent on the answers) | npo | refusal (descent to refusal_answer)
-    forget_cap: float = 0.0          # forget_loss ga: a forget sequence stops being ascended once its mean answer
+    forget_cap: float = 0.0          # vkd, forget_loss ga: a forget sequence stops being ascended once its mean answer
                                      # NLL reaches this (0: never): forgetting to a level, not ascent without end
     refusal_answer: str = "I don't know."
     npo_beta: float = 0.1            # npo, and vkd with forget_loss=npo
