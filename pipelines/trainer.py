@@ -152,9 +152,10 @@ class RowPlan:
         return [{k: it[k] for k in ("image", "questions", "answers", "source")} for it in seqs]
 
 
-def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: RowPlan | None = None):
+def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: RowPlan | None = None,
+                  items: int | None = None):
     """Ray dataset of tokenised train sequences: parquet shards -> the rows of ``plan``,
-    shuffled -> sequences -> arrays, streamed."""
+    shuffled -> sequences (the first ``items`` of them: what a run draws) -> arrays, streamed."""
     import ray
 
     from vkd.data.layout import TRAIN_SPLIT, read_rows, shards_holding
@@ -163,7 +164,8 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
     shards = shards_holding(Path(data), TRAIN_SPLIT, plan.ids)
     # Rows come grouped by entity; shuffle them globally before they fan out into sequences,
     # so each worker's local shuffle buffer mixes many entities.
-    if sum(p.stat().st_size for p in shards) <= INLINE_BYTES:
+    inline = sum(p.stat().st_size for p in shards) <= INLINE_BYTES
+    if inline:
         # A small stream (an unlearning's forget or retain rows, the demo's whole split):
         # read, filter and shuffle here, in milliseconds. Ray Data's file listing, read
         # tasks and all-to-all shuffle would cost a stream 8-18 s to its first batch, most
@@ -179,9 +181,22 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
             ds = ds.filter(plan.keep)
         ds = ds.random_shuffle(seed=plan.seed)
     ds = ds.flat_map(plan.sequences)
-    return ds.map_batches(tokenize_batch, fn_kwargs={"model_path": model_path, "max_length": cfg.max_length},
-                          batch_size=64, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=1),
-                          num_cpus=0.5)
+    if items is not None:
+        ds = ds.limit(items)
+    ds = ds.map_batches(tokenize_batch, fn_kwargs={"model_path": model_path, "max_length": cfg.max_length},
+                        batch_size=64, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=1),
+                        num_cpus=0.5)
+    if inline:
+        # Run a small stream to its end at once, without backpressure. Held back to the
+        # consumer's pace, its executor (in Ray Data's split coordinator) loops without
+        # pause whenever no task is running: measured with `top`, each such stream took a
+        # quarter of a core for the whole run, more than a one-CPU train worker got.
+        # The concurrency cap stays: it holds the tokeniser to one task at a time.
+        from ray.data._internal.execution.backpressure_policy import (
+            ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, ConcurrencyCapBackpressurePolicy)
+
+        ds.context.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, [ConcurrencyCapBackpressurePolicy])
+    return ds
 
 
 def train_datasets(data: str | Path, model_path: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -449,6 +464,12 @@ def _log(tracker: Any, run_id: str, metrics: dict[str, Any], step: int) -> None:
 
     now = int(time.time() * 1000)
     tracker.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def items_drawn(cfg: TrainConfig, steps: int) -> int:
+    """Sequences a run of ``steps`` draws from a stream, over all workers: its batches, and
+    each worker's local shuffle buffer filled first, and a few batches read ahead."""
+    return cfg.workers * (steps * cfg.batch_size * cfg.grad_accum + cfg.shuffle_buffer + 4 * cfg.batch_size)
 
 
 def steps_for(n_items: int, cfg: TrainConfig) -> int:

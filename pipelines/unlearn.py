@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from pipelines.common import init_ray, parse, parser, refuse_existing, resolve_config, run_main
 from pipelines.evaluate import cached_evaluation, evaluate_on_ray, format_table
 from pipelines.tracking import log_model, stage_run, tracking_uri
-from pipelines.trainer import RowPlan, StatsJob, TrainJob, run_stats, run_training, train_dataset
+from pipelines.trainer import RowPlan, StatsJob, TrainJob, items_drawn, run_stats, run_training, train_dataset
 from vkd.config import Config, TrainConfig, cache_root
 from vkd.data.layout import TRAIN_SPLIT, ForgetSet, forget_set, load_meta, read_rows
 from vkd.eval import DIRECTIONS, aggregate, counts
@@ -320,7 +320,8 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetS
             start = time.perf_counter()
             prep = prepare_method(cfg, method, base, data, plans, tcfg, work)
             figures.update(prep["figures"])
-            datasets = {s: train_dataset(data, prep["fields"]["model_path"], tcfg, plans[s]) for s in method.streams}
+            datasets = {s: train_dataset(data, prep["fields"]["model_path"], tcfg, plans[s],
+                                         items=items_drawn(tcfg, tcfg.max_steps)) for s in method.streams}
             probe = {}
             if probes:
                 probe = {"data": str(data), "forget": forget, "eval": dataclasses.asdict(cfg.eval), "before": before,

@@ -112,6 +112,7 @@ def test_a_small_stream_read_in_the_driver_holds_what_the_streamed_read_holds(sm
     assert "RandomShuffle" not in str(inline) and "RandomShuffle" in str(streamed)
     got = content(inline)
     assert got and got == content(streamed)
+    assert trainer.train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan, items=7).count() == 7
 
 
 def test_two_worker_zero2_run_lowers_the_loss(small_data, tiny_path, tmp_path, ray_local):
