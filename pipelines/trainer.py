@@ -142,7 +142,8 @@ class RowPlan:
 
         row = dict(row)
         where = row.pop("path", None)  # a streamed read names the shard; a read in the driver, the shard and row
-        row["_source"] = f"{where}, entity {row.get('ID')}" if where else row.get("_source", f"ft_Data, entity {row.get('ID')}")
+        if where or "_source" not in row:
+            row["_source"] = f"{where or 'ft_Data'}, entity {row.get('ID')}"
         if self.names is not None:
             seqs = naming_sequences(row, self.names.get(row.get("ID"), ""))
         else:
