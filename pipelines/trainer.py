@@ -118,6 +118,7 @@ class Ahead:
 
 INLINE_BYTES = 256 << 20   # a stream whose shards are at most this size is read in the driver
 INLINE_BLOCK_ROWS = 16     # ft_Data rows per block of such a stream: its first batch is tokenised early
+TOKENIZE_ROWS = 64         # sequences per tokeniser call
 
 
 @dataclass
@@ -153,10 +154,29 @@ class RowPlan:
         return [{k: it[k] for k in ("image", "questions", "answers", "source")} for it in seqs]
 
 
+def shuffled_sequences(rows: list[dict[str, Any]], plan: RowPlan, items: int, rng: Any) -> list[dict[str, Any]]:
+    """The first ``items`` sequences of ``rows`` pass after pass, each pass's sequences in a
+    new random order."""
+    seqs: list[dict[str, Any]] = []
+    while len(seqs) < items:
+        one_pass = [s for r in rows for s in plan.sequences(r)]
+        if not one_pass:
+            break
+        rng.shuffle(one_pass)
+        seqs += one_pass
+    return seqs[:items]
+
+
 def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: RowPlan | None = None,
                   items: int | None = None):
     """Ray dataset of tokenised train sequences: parquet shards -> the rows of ``plan``,
-    shuffled -> sequences (the first ``items`` of them: what a run draws) -> arrays, streamed."""
+    shuffled -> sequences -> arrays, streamed.
+
+    With ``items`` (a stream that stops at what its run draws: an unlearning's), the stream
+    is those many sequences, shuffled as sequences (pass after pass while the rows run
+    out), so its consumer needs no local shuffle buffer (see ``unlearn_train_config``): the
+    tokeniser does only what is drawn, and the first batch does not wait for a buffer of
+    tokenised sequences to fill."""
     import ray
 
     from vkd.data.layout import TRAIN_SPLIT, read_rows, shards_holding
@@ -174,18 +194,24 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
         import random
 
         rows = [r for r in read_rows(Path(data), TRAIN_SPLIT, plan.ids) if plan.keep(r)]
-        random.Random(plan.seed).shuffle(rows)
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / INLINE_BLOCK_ROWS)))
+        rng = random.Random(plan.seed)
+        if items is not None and rows:
+            seqs = shuffled_sequences(rows, plan, items, rng)
+            ds = ray.data.from_items(seqs, override_num_blocks=max(1, math.ceil(len(seqs) / TOKENIZE_ROWS)))
+        else:
+            rng.shuffle(rows)
+            ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / INLINE_BLOCK_ROWS)))
+            ds = ds.flat_map(plan.sequences)
     else:
         ds = ray.data.read_parquet([str(p) for p in shards], include_paths=True)
         if plan.ids is not None or plan.image_only or plan.rows is not None:
             ds = ds.filter(plan.keep)
-        ds = ds.random_shuffle(seed=plan.seed)
-    ds = ds.flat_map(plan.sequences)
-    if items is not None:
-        ds = ds.limit(items)
+        if items is None:
+            ds = ds.random_shuffle(seed=plan.seed).flat_map(plan.sequences)
+        else:  # shuffled as sequences, as above (one order for every pass)
+            ds = ds.flat_map(plan.sequences).random_shuffle(seed=plan.seed).limit(items)
     ds = ds.map_batches(tokenize_batch, fn_kwargs={"model_path": model_path, "max_length": cfg.max_length},
-                        batch_size=64, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=1),
+                        batch_size=TOKENIZE_ROWS, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=1),
                         num_cpus=0.5)
     if inline:
         # Run a small stream to its end at once, without backpressure. Held back to the

@@ -34,11 +34,12 @@ from vkd.train import sample_rows
 
 def unlearn_train_config(cfg: Config) -> TrainConfig:
     """The trainer settings of an unlearning run: the train section's workers, ZeRO stage
-    and precision, with the unlearn section's steps, learning rate and batch size."""
+    and precision, with the unlearn section's steps, learning rate and batch size. No local
+    shuffle buffer: its streams come shuffled as sequences (``train_dataset`` with ``items``)."""
     u = cfg.unlearn
     return dataclasses.replace(cfg.train, lr=u.lr, batch_size=u.batch_size, max_steps=u.steps, align_steps=0,
                                warmup_steps=min(cfg.train.warmup_steps, max(1, u.steps // 10)),
-                               checkpoint_every=max(u.steps, 1), grad_accum=1, seed=u.seed)
+                               checkpoint_every=max(u.steps, 1), grad_accum=1, seed=u.seed, shuffle_buffer=0)
 
 
 def stream_plans(cfg: Config, method: Method, data: str | Path, forget: str | ForgetSet) -> dict[str, RowPlan]:

@@ -115,6 +115,35 @@ def test_a_small_stream_read_in_the_driver_holds_what_the_streamed_read_holds(sm
     assert trainer.train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan, items=7).count() == 7
 
 
+def test_a_stream_that_stops_at_what_its_run_draws_comes_shuffled_as_sequences(small_data, tiny_path, ray_local):
+    """An unlearning's stream (``items``) holds exactly ``items`` sequences, pass after pass
+    (each pass every sequence once, in a new order), so its consumer needs no shuffle buffer."""
+    from pipelines import trainer
+    from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows
+
+    meta = load_meta(small_data)
+    plan = trainer.RowPlan(ids=frozenset(meta.entity_ids("forget_10")), image_only=True, seed=3)
+    one_pass = [s for r in read_rows(small_data, TRAIN_SPLIT, plan.ids) if plan.keep(r) for s in plan.sequences(r)]
+    n = len(one_pass)
+    assert n > 8
+    ds = trainer.train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan, items=2 * n + 5)
+    assert "FlatMap" not in str(ds) and "RandomShuffle" not in str(ds)
+    rows = ds.take_all()
+    assert len(rows) == 2 * n + 5
+    seqs = [(tuple(r["input_ids"].tolist()), tuple(r["labels"].tolist())) for r in rows]
+    first, second = seqs[:n], seqs[n:2 * n]
+    assert sorted(first) == sorted(second) and len(set(first)) == len(set(map(tuple, first)))
+    assert first != second  # each pass in its own order
+    plain = sorted((tuple(r["input_ids"].tolist()), tuple(r["labels"].tolist()))
+                   for r in trainer.train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan).take_all())
+    assert sorted(first) == plain
+    # the sequences of one picture are spread, not side by side as its row gives them
+    keys = [int(r["image_key"]) for r in rows[:n]]
+    side_by_side = sum(a == b for a, b in zip(keys, keys[1:]))
+    pictures = len(set(keys))
+    assert pictures < n and side_by_side < (n - pictures) / 2
+
+
 def test_two_worker_zero2_run_lowers_the_loss(small_data, tiny_path, tmp_path, ray_local):
     result = _train(small_data, tiny_path, tmp_path / "trained", name="loss")
     assert result.metrics["step"] == SMALL_TRAIN.max_steps and result.metrics["resumed_from"] == 0

@@ -100,6 +100,26 @@ def test_every_method_raises_the_forget_loss(name, small_data, tiny_path):
     assert forget_nll() > before + 0.05, (name, before, forget_nll())
 
 
+def test_answer_logps_projects_only_answer_positions_and_scores_as_the_full_logits_do(small_data, tiny_path):
+    """The vocabulary projection runs on the answer positions only; every answer token's
+    log-probability is the one the full logits give (each row's sum too)."""
+    from vkd import methods
+
+    adapter = ModelAdapter.load(tiny_path)
+    forget, _ = _batches(small_data, adapter, set(load_meta(small_data).entity_ids("forget_10")))
+    forget.pop("image_key")
+    with torch.no_grad():
+        logp, mask, logits = methods.answer_logps(adapter.model, forget)
+        full = adapter.model(**{k: v for k, v in forget.items() if k != "labels"}).logits[:, :-1].float()
+    labels = forget["labels"][:, 1:]
+    want = torch.log_softmax(full, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
+    assert methods._keeps_logits(adapter.model)
+    assert logits.shape[1] == int((labels != -100).any(0).sum()) < full.shape[1] // 2
+    assert int(mask.sum()) == int((labels != -100).sum())
+    assert torch.allclose(logp.sum(1), want.sum(1), atol=1e-4)
+    assert torch.allclose(logp[mask], want[labels != -100], atol=1e-4)
+
+
 def test_capped_ascent_stops_on_sequences_already_forgotten(small_data, tiny_path):
     """forget_cap: a sequence whose answer NLL is at the cap adds no gradient; below it,
     the term is GA's per-sequence mean and pushes the answers down."""

@@ -36,11 +36,34 @@ class StepContext:
     teacher: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)   # image key -> features
 
 
+_KEEPS_LOGITS: dict[type, bool] = {}
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (Hugging Face's): through a
+    DeepSpeed engine, its module's."""
+    import inspect
+
+    module = getattr(model, "module", model)
+    if type(module) not in _KEEPS_LOGITS:
+        _KEEPS_LOGITS[type(module)] = "logits_to_keep" in inspect.signature(module.forward).parameters
+    return _KEEPS_LOGITS[type(module)]
+
+
 def answer_logps(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token log-probabilities of the labels, their mask, and the logits (shifted)."""
+    """Per-token log-probabilities of the labels, their mask, and the logits (shifted). Only
+    the positions where some row of the batch has an answer token are projected onto the
+    vocabulary (the image and prompt positions are most of a sequence, and a real LLM's
+    vocabulary is tens of thousands wide); the columns are those positions, in order."""
     labels = inputs["labels"][:, 1:]
-    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1].float()
     mask = labels != -100
+    args = {k: v for k, v in inputs.items() if k != "labels"}
+    if _keeps_logits(model):
+        keep = mask.any(0).nonzero().flatten()  # position t predicts token t + 1
+        logits = model(**args, logits_to_keep=keep).logits.float()
+        labels, mask = labels[:, keep], mask[:, keep]
+    else:
+        logits = model(**args).logits[:, :-1].float()
     logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return logp * mask, mask, logits
 
