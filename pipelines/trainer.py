@@ -529,6 +529,24 @@ def _torch_trainer(loop, job: Any, datasets: dict[str, Any], storage: str | Path
     )
 
 
+def _fit(trainer):
+    """``trainer.fit()``, then let go of its controller. In the main thread Ray Train installs
+    a SIGINT handler that holds the controller's handle, which keeps the controller, its
+    dataset manager and every split coordinator of the run alive (each polling at about 1%
+    of a core) until the next run replaces the handler: a batch's statistics pass left 15
+    such actors running beside all of its requests. The handler before the run comes back."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, saved)
+
+
 def run_training(job: TrainJob, datasets: dict[str, Any], storage: str | Path, max_failures: int = 1,
                  callbacks: list[Any] | None = None):
     """Train on Ray (``datasets`` from :func:`train_datasets`); copy the final Hugging Face
@@ -540,7 +558,7 @@ def run_training(job: TrainJob, datasets: dict[str, Any], storage: str | Path, m
                              failure_config=ray.train.FailureConfig(max_failures=max_failures),
                              checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                              callbacks=callbacks or [])
-    result = trainer.fit()
+    result = _fit(trainer)
     with result.checkpoint.as_directory() as d:
         hf = Path(d) / "hf"
         if not (hf / "config.json").is_file():
@@ -652,6 +670,6 @@ def run_stats(job: StatsJob, datasets: dict[str, Any], storage: str | Path) -> d
     import torch
 
     trainer = _torch_trainer(stats_loop, job, datasets, storage, "stats")
-    result = trainer.fit()
+    result = _fit(trainer)
     with result.checkpoint.as_directory() as d:
         return torch.load(Path(d) / "stats.pt", weights_only=False)

@@ -150,6 +150,17 @@ def test_two_worker_zero2_run_lowers_the_loss(small_data, tiny_path, tmp_path, r
     assert (tmp_path / "trained" / "model.safetensors").is_file()
     before, after = _mean_loss(tiny_path, small_data), _mean_loss(tmp_path / "trained", small_data)
     assert after < before * 0.8, (before, after)
+    # the finished run lets its controller and dataset coordinators go (none left polling)
+    from ray.util.state import list_actors
+
+    lingering = ["?"]
+    for _ in range(40):
+        lingering = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                     if a.class_name in ("TrainController", "SplitCoordinator", "DatasetManager")]
+        if not lingering:
+            break
+        time.sleep(0.5)
+    assert not lingering, lingering
 
 
 def test_a_dead_worker_resumes_from_its_checkpoint(small_data, tiny_path, tmp_path, ray_local):
