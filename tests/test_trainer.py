@@ -155,7 +155,8 @@ def test_two_worker_zero2_run_lowers_the_loss(small_data, tiny_path, tmp_path, r
 
     lingering = ["?"]
     for _ in range(40):
-        lingering = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        lingering = [a.class_name for a in list_actors(address=ray_local.get_runtime_context().gcs_address,
+                                                       filters=[("state", "=", "ALIVE")], limit=1000)
                      if a.class_name in ("TrainController", "SplitCoordinator", "DatasetManager")]
         if not lingering:
             break
