@@ -36,10 +36,11 @@ class TrainJob:
     teacher_path: str | None = None    # torch.save'd {image key: {feature name: tensor}}
     mlflow: dict[str, str] = field(default_factory=dict)   # tracking_uri, run_id
     probe: dict[str, Any] = field(default_factory=dict)    # in-run evaluation (see Probe): data, forget, eval, before,
-                                                           # start_model, every
+                                                           # start_model, at (steps; the last step always)
     name: str = "train"
     fault_at_step: int = 0             # test-only fault hook: rank 0 dies once at this step,
     fault_marker: str = ""             # leaving this file behind so it dies only once
+    local: bool = False                # one rank in the caller's process (see run_training)
 
 
 _TOKENIZERS: dict[tuple[str, int], Any] = {}
@@ -316,8 +317,91 @@ class Probe:
         return {**{f"eval/{k}": v for k, v in after.items()}, **objective(self.sample_before, after)}
 
 
+class _OnRayTrain:
+    """The loop's view of its run on a Ray Train worker."""
+    local = False
+
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def dataset_shard(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def resume_from(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class _InProcess:
+    """The loop's view of a run in the caller's process: one rank, the datasets as they are,
+    nothing to resume from; the last result and checkpoint are the run's, and in a Tune
+    trial every result also goes to ``ray.tune.report`` (Ray Train's own local mode refuses
+    to run inside a Tune trial)."""
+    local = True
+    rank, world = 0, 1
+
+    def __init__(self, datasets: dict[str, Any], report_to_tune: bool):
+        self.datasets, self.report_to_tune = datasets, report_to_tune
+        self.metrics: dict[str, Any] = {}
+        self.checkpoint: Any = None
+
+    def dataset_shard(self, name: str):
+        return self.datasets[name]
+
+    def resume_from(self):
+        return None
+
+    def report(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        self.metrics, self.checkpoint = metrics, checkpoint or self.checkpoint
+        if self.report_to_tune:
+            from ray import tune
+
+            tune.report(metrics)
+
+
 def worker_loop(job_dict: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
+    job = TrainJob(**{**job_dict, "cfg": TrainConfig(**job_dict["cfg"])})
+    _train(job, _OnRayTrain())
+
+
+def _train_in_process(job: TrainJob, datasets: dict[str, Any], report_to_tune: bool) -> Any:
+    """The loop in this process, as one rank of a gloo group of its own (DeepSpeed needs a
+    process group and the rank variables); returns a Ray Train Result."""
+    import ray.train
+    import torch.distributed as dist
+
+    for ds in datasets.values():  # what Ray Train's DataConfig sets for its workers
+        ds.context.execution_options.preserve_order = True
+    session = _InProcess(datasets, report_to_tune)
+    rank_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    saved = {k: os.environ.get(k) for k in rank_env}
+    os.environ.update(rank_env)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        _train(job, session)
+    finally:
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return ray.train.Result(metrics=session.metrics, checkpoint=session.checkpoint, path=None, error=None)
+
+
+def _train(job: TrainJob, session: Any) -> None:
     import deepspeed
     import ray.train
     import torch
@@ -327,10 +411,8 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
     from vkd.model import ModelAdapter
     from vkd.train import ds_config, model_inputs, set_trainable, skip_shm_comm_build, trainable_names
 
-    job = TrainJob(**{**job_dict, "cfg": TrainConfig(**job_dict["cfg"])})
     cfg = job.cfg
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     if not cfg.use_gpu:
@@ -369,7 +451,7 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
         step_ctx.teacher = torch.load(job.teacher_path)
 
     step = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.resume_from()
     if checkpoint:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag="ds")
@@ -390,7 +472,7 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
 
     def batches(dataset: str, at_step: int):
         """Endless batches of one dataset shard, pass after pass."""
-        shard = ray.train.get_dataset_shard(dataset)
+        shard = session.dataset_shard(dataset)
         while True:
             count = 0
             for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
@@ -450,9 +532,10 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
         if tracker is not None and (step % cfg.log_every == 0 or done):
             _log(tracker, job.mlflow["run_id"], {f"train/{k}": v for k, v in report.items()
                                                  if k not in ("step", "resumed_from")}, step)
-        checkpoint_due = step % cfg.checkpoint_every == 0 or done
+        # a run in this process has no restart to resume from: it saves the final checkpoint only
+        checkpoint_due = done or (not session.local and step % cfg.checkpoint_every == 0)
         # with a probe, every result carries the objective (Tune's schedulers insist)
-        probe_due = bool(job.probe) and (step % job.probe["every"] == 0 or checkpoint_due)
+        probe_due = bool(job.probe) and (step in job.probe["at"] or checkpoint_due)
         if probe_due:
             with _whole_params(engine, cfg.zero_stage):
                 if probe is not None:
@@ -461,19 +544,30 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
                 _log(tracker, job.mlflow["run_id"], {k: v for k, v in report.items() if k.startswith("eval/")
                                                      or k in ("objective", "forgetting", "preservation")}, step)
         if probe_due and not checkpoint_due:
-            ray.train.report(report)
+            session.report(report)
         if checkpoint_due:
-            with tempfile.TemporaryDirectory() as tmp:
+            # Ray Train copies a reported checkpoint to its storage; in process, its folder stays
+            with _checkpoint_folder(job, session.local) as tmp:
                 engine.save_checkpoint(tmp, tag="ds")
                 if rank == 0:
                     (Path(tmp) / "state.json").write_text(json.dumps({"step": step}))
                 if done:
                     _save_hf(engine, adapter, Path(tmp) / "hf", rank, cfg.zero_stage)
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                session.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     for _, source in sources.values():
         source.close()
     if bar is not None:
         bar.close()
+
+
+def _checkpoint_folder(job: TrainJob, lasting: bool):
+    """A temporary folder for a checkpoint, or a lasting one beside the final model
+    (``run_training`` removes it once it has copied the model out)."""
+    import contextlib
+
+    if not lasting:
+        return tempfile.TemporaryDirectory()
+    return contextlib.nullcontext(tempfile.mkdtemp(prefix=".checkpoint-", dir=Path(job.out_dir).parent))
 
 
 def engine_config(cfg: TrainConfig, world: int) -> TrainConfig:
@@ -548,17 +642,27 @@ def _fit(trainer):
 
 
 def run_training(job: TrainJob, datasets: dict[str, Any], storage: str | Path, max_failures: int = 1,
-                 callbacks: list[Any] | None = None):
+                 callbacks: list[Any] | None = None, report_to_tune: bool = False):
     """Train on Ray (``datasets`` from :func:`train_datasets`); copy the final Hugging Face
     folder to ``job.out_dir``; return the Result. ``callbacks``: Ray Train callbacks (a tune
-    trial passes Tune's report callback)."""
+    trial on several workers passes Tune's report callback).
+
+    ``job.local`` (one worker): the loop runs in this process on the same data, with the
+    same results, without Ray Train: no controller, worker process, placement group or
+    split coordinators to start (most of a tune trial's fixed cost), and no restart on
+    failure. ``report_to_tune``: it runs in a Tune trial, where every result goes."""
     import ray.train
 
-    trainer = _torch_trainer(worker_loop, job, datasets, storage, f"{job.name}-{Path(job.out_dir).name}",
-                             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-                             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                             callbacks=callbacks or [])
-    result = _fit(trainer)
+    if job.local:
+        if job.cfg.workers != 1:
+            raise ValueError(f"a run in this process has one worker; train.workers is {job.cfg.workers}")
+        result = _train_in_process(job, datasets, report_to_tune)
+    else:
+        trainer = _torch_trainer(worker_loop, job, datasets, storage, f"{job.name}-{Path(job.out_dir).name}",
+                                 failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                 callbacks=callbacks or [])
+        result = _fit(trainer)
     with result.checkpoint.as_directory() as d:
         hf = Path(d) / "hf"
         if not (hf / "config.json").is_file():
@@ -566,6 +670,8 @@ def run_training(job: TrainJob, datasets: dict[str, Any], storage: str | Path, m
         tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=Path(job.out_dir).parent))
         shutil.copytree(hf, tmp, dirs_exist_ok=True)
         tmp.rename(job.out_dir)
+    if job.local:
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     return result
 
 

@@ -69,6 +69,20 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
     return {name: make[kind](values) for name, spec in space.parameters.items() for kind, values in spec.items()}
 
 
+def asha_rungs(space: SearchSpace, steps: int) -> list[int]:
+    """The steps at which ASHA decides: grace_period reports of ``steps / reports`` steps
+    each, times reduction_factor at each rung (Ray's rung formula), and the last step (which
+    fills a rung within its last report's steps). A trial evaluates there and nowhere else:
+    an evaluation between rungs decides nothing."""
+    import numpy as np
+
+    rf = int(space.asha.get("reduction_factor", 2))
+    unit = max(1, steps // space.reports)
+    first = min(int(space.asha.get("grace_period", 1)), space.reports) * unit
+    rungs = [first * rf ** k for k in range(int(np.log(steps / first) / np.log(rf) + 1))]
+    return sorted({m for m in rungs if m <= steps - unit} | {steps})
+
+
 def run_trial(params: dict[str, Any], study: dict[str, Any]) -> None:
     """One trial, in its Tune actor: an unlearning run whose in-run evaluations go to Tune.
     A finished trial (its result.json exists) reports its saved result and trains nothing."""
@@ -91,12 +105,16 @@ def run_trial(params: dict[str, Any], study: dict[str, Any]) -> None:
     shutil.rmtree(folder / "model", ignore_errors=True)  # an interrupted attempt's leftovers
     cfg = load_config(study["base"], overrides(params))
     cfg.save(folder / "config.yaml")
+    # one worker trains in this trial's process (run_training's local mode: no controller or
+    # worker process to start); several go through Ray Train
+    local = cfg.train.workers == 1
     start = time.perf_counter()
     figures = run_unlearn(cfg, study["model"], study["data"], study["forget"], folder / "model",
                           tags={"mlflow.parentRunId": study["parent_run_id"], "study": study["name"], "trial": key},
-                          register=False, probes=study["reports"], callbacks=[TuneReportCallback()],
+                          register=False, probes=study["reports"],
+                          callbacks=None if local else [TuneReportCallback()], local=local, report_to_tune=local,
                           run_name=f"{study['name']}-{key}", keep_model=False,
-                          sample_before=study.get("sample_before"))
+                          sample_before=study.get("sample_before"), probe_at=study.get("probe_at"))
     metrics = {"objective": figures["objective"], "forgetting": figures["forgetting"],
                "preservation": figures["preservation"], **{f"eval/{k}": v for k, v in figures["after"].items()}}
     tmp = folder / "result.json.tmp"
@@ -105,20 +123,28 @@ def run_trial(params: dict[str, Any], study: dict[str, Any]) -> None:
     tmp.rename(result_file)
 
 
-def _tuner(space: SearchSpace, study: dict[str, Any], path: Path, scheduler: str):
+def _tuner(space: SearchSpace, study: dict[str, Any], path: Path, scheduler: str, steps: int | None):
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, study=study),
-                                     {"cpu": 0.01})  # the trial only drives its trainer
+    # a one-worker trial trains in its own process and holds its CPUs; a larger one only
+    # drives its trainer's workers
+    workers = int(space.resources.get("workers", 1))
+    cpus = float(space.resources.get("cpus_per_worker", 1)) if workers == 1 else 0.01
+    trainable = tune.with_resources(tune.with_parameters(run_trial, study=study), {"cpu": cpus})
     if tune.Tuner.can_restore(str(path)):
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True), True
     sched = None
     if scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        sched = ASHAScheduler(time_attr="training_iteration", max_t=space.reports,
-                              grace_period=min(int(space.asha.get("grace_period", 1)), space.reports),
-                              reduction_factor=int(space.asha.get("reduction_factor", 2)))
+        rf = int(space.asha.get("reduction_factor", 2))
+        if steps:  # rungs in steps (asha_rungs), where the trials evaluate
+            sched = ASHAScheduler(time_attr="step", max_t=steps, grace_period=asha_rungs(space, steps)[0],
+                                  reduction_factor=rf)
+        else:  # the steps are a parameter: rungs in evaluations
+            sched = ASHAScheduler(time_attr="training_iteration", max_t=space.reports,
+                                  grace_period=min(int(space.asha.get("grace_period", 1)), space.reports),
+                                  reduction_factor=rf)
     search = None
     if space.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -158,7 +184,7 @@ def _study_run(cfg: Config, space: SearchSpace, out: Path, tags: dict[str, str])
     return run.info.run_id
 
 
-def trial_rows(space: SearchSpace, grid, out: Path) -> list[dict[str, Any]]:
+def trial_rows(space: SearchSpace, grid, out: Path, last_report: int) -> list[dict[str, Any]]:
     """One row per trial. A trial with a result.json finished (maybe in an earlier,
     interrupted run of the study: its figures come from there); one without was stopped
     early by the scheduler, or failed."""
@@ -172,7 +198,7 @@ def trial_rows(space: SearchSpace, grid, out: Path) -> list[dict[str, Any]]:
             m.update(saved["metrics"], training_iteration=saved["reports"], time_total_s=saved["seconds"])
         # a trial that reached its last evaluation finished, even when the scheduler stopped it
         # right there (ASHA at max_t) before it could write result.json
-        done = saved or (res.error is None and m.get("training_iteration", 0) >= space.reports)
+        done = saved or (res.error is None and m.get("training_iteration", 0) >= last_report)
         status = "finished" if done else ("error" if res.error is not None else "stopped early")
         row = {"trial": trial_key(params), "status": status, **params,
                "reports": m.get("training_iteration", 0), "seconds": m.get("time_total_s")}
@@ -221,18 +247,22 @@ def run_study(cfg: Config, space: SearchSpace, model: str, data: str | Path, for
         probe = Probe({"data": str(data), "forget": forget, "eval": asdict(base.eval), "before": before,
                        "start_model": str(base_model)})
         sample_before = probe.start_scores()
+    # ASHA's trials evaluate at its rungs only (unless the steps themselves are searched)
+    scheduler = scheduler or space.scheduler
+    steps = base.unlearn.steps if scheduler == "asha" and "unlearn.steps" not in space.parameters else None
+    probe_at = asha_rungs(space, steps) if steps else None
     points = space.grid_points() if space.search == "grid" else [{}]
     warm_stats([(base.updated(overrides(pt)), forget) for pt in points], base_model, data, out)
     parent = _study_run(base, space, out, identity)
     study = {"base": str(out / "base.yaml"), "model": str(base_model), "data": str(data), "forget": forget,
              "out": str(out), "reports": space.reports, "name": space.name, "parent_run_id": parent,
              "tracking_uri": tracking_uri(base.mlflow),
-             "cache": str(cache_root()), "sample_before": sample_before}
-    tuner, resumed = _tuner(space, study, out / "study", scheduler or space.scheduler)
+             "cache": str(cache_root()), "sample_before": sample_before, "probe_at": probe_at}
+    tuner, resumed = _tuner(space, study, out / "study", scheduler, steps)
     if resumed:
         print(f"resuming the study in {out / 'study'}", flush=True)
     grid = tuner.fit()
-    rows = trial_rows(space, grid, out)
+    rows = trial_rows(space, grid, out, len(probe_at) if probe_at else space.reports)
     paths = write_outputs(out, space, rows)
     done = [r for r in rows if r.get("objective") is not None and r["status"] == "finished"]
     client = MlflowClient(tracking_uri(base.mlflow))

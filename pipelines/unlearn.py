@@ -288,17 +288,21 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetS
                 tags: dict[str, str] | None = None, register: bool = True, probes: int = 0,
                 callbacks: list[Any] | None = None, run_name: str | None = None,
                 keep_model: bool = True, before: dict[str, float] | None = None,
-                sample_before: dict[str, float] | None = None) -> dict[str, Any]:
+                sample_before: dict[str, float] | None = None, local: bool = False,
+                report_to_tune: bool = False, probe_at: Sequence[int] | None = None) -> dict[str, Any]:
     """Unlearn ``forget``'s entities from ``model`` into ``out`` (which must not exist).
     Returns the figures: before, after, the study objective, seconds, version, run id.
 
     ``probes`` > 0 (tune trials): the model is evaluated that many times during training,
     on the trainer's rank 0 (multiple-choice only), each result reported to ``callbacks``;
     the last one is the ``after`` evaluation (``sample_before``: the starting model's scores
-    on the earlier evaluations' sample, when the caller has them). Otherwise ``after`` is the full evaluation on
+    on the earlier evaluations' sample, when the caller has them); ``probe_at``: at these steps
+    instead of evenly spaced (ASHA's rungs). Otherwise ``after`` is the full evaluation on
     Ray Data. A ``tags["mlflow.parentRunId"]`` nests the run under a parent (a study).
     ``keep_model=False`` (tune trials): the weights are neither logged nor kept; the folder
-    keeps the config, the report and the metrics."""
+    keeps the config, the report and the metrics. ``local`` (one worker): the trainer runs in
+    this process (``run_training``), and ``report_to_tune`` sends its results to the Tune
+    trial it runs in."""
     out = refuse_existing(out, overwrite=False).resolve()  # workers run elsewhere: absolute paths only
     method = method_for(cfg.unlearn)
     meta = load_meta(data)
@@ -326,13 +330,15 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetS
             probe = {}
             if probes:
                 probe = {"data": str(data), "forget": forget, "eval": dataclasses.asdict(cfg.eval), "before": before,
-                         "start_model": str(base), "every": max(1, tcfg.max_steps // probes),
-                         "sample_before": sample_before}
+                         "start_model": str(base), "sample_before": sample_before,
+                         "at": sorted(set(probe_at or range(max(1, tcfg.max_steps // probes), tcfg.max_steps + 1,
+                                                             max(1, tcfg.max_steps // probes))))}
             job = TrainJob(out_dir=str(out), cfg=tcfg, total_steps=tcfg.max_steps, method=cfg.unlearn.method,
                            unlearn=dataclasses.asdict(cfg.unlearn), reference_path=str(base),
                            mlflow={"tracking_uri": tracking_uri(cfg.mlflow), "run_id": run.info.run_id},
-                           probe=probe, name=f"unlearn-{cfg.unlearn.method}", **prep["fields"])
-            result = run_training(job, datasets, storage=work / "ray", callbacks=callbacks)
+                           probe=probe, name=f"unlearn-{cfg.unlearn.method}", local=local, **prep["fields"])
+            result = run_training(job, datasets, storage=work / "ray", callbacks=callbacks,
+                                  report_to_tune=report_to_tune)
             figures["unlearn_seconds"] = time.perf_counter() - start
             cfg.save(out / "vkd_config.yaml")
             if method.prunes:  # {neuron module: pruned input channels}, kept at zero through training

@@ -40,6 +40,33 @@ def test_scores_do_not_depend_on_batching(small_data, tiny):
     assert [r["value"] for r in one] == [r["value"] for r in many]
 
 
+def test_shared_prompt_scores_equal_one_sequence_per_option(small_data, tiny, monkeypatch):
+    """Running each prompt once and sharing its keys/values across its options scores what one
+    full sequence per option scores: left-padded prompts of different lengths, options of one
+    and of many tokens, a different number of options per prompt, no NaN from the pad rows."""
+    import dataclasses
+
+    import torch
+
+    from vkd.eval import _options_logp, item_images
+
+    items = eval_items(small_data, "forget_15", limit=2, generation=False)
+    for has_image in (True, False):
+        group = [it for it in items if (it["image"] is not None) == has_image][:4]
+        questions, images = [it["question"] + " Really?" * k for k, it in enumerate(group)], item_images(group)
+        options = [["the", "a"] + it["options"] if k == 0 else it["options"] for k, it in enumerate(group)]
+        assert len({len(p) for p in tiny.prompt_inputs(questions, images)[0]}) > 1
+        lengths = {len(t) for opts in options for t in tiny.target_ids(opts, eos=False)}
+        assert 1 in lengths and max(lengths) >= 4
+        shared = _options_logp(tiny, questions, images, options)
+        with monkeypatch.context() as m:  # any family but llava takes one full sequence per option
+            m.setattr(tiny, "family", dataclasses.replace(tiny.family, name="full"))
+            full = _options_logp(tiny, questions, images, options)
+        assert shared.shape == full.shape == (sum(map(len, options)),)
+        assert not shared.isnan().any() and shared.std() > 0.01
+        assert torch.allclose(shared, full, rtol=0, atol=1e-4), (shared - full).abs().max()
+
+
 def test_ray_data_gives_the_in_process_numbers(small_data, tiny, tiny_path, ray_local):
     from pipelines.evaluate import evaluate_on_ray
     from vkd.config import EvalConfig

@@ -89,3 +89,23 @@ def test_a_killed_study_resumes_without_rerunning_finished_trials(small_data, ti
     arts = {a.path for a in client.list_artifacts(parent, "study")}
     assert {"study/best.yaml", "study/trials.csv", "study/pareto.png"} <= arts
     assert any(k.startswith("eval/") for k in done[0].data.metrics), "trials log their in-run evaluations"
+    # a trial trained in the second run (in its own process, local mode) gave Tune both of its
+    # evaluations as they came, each with the objective (what ASHA decides on)
+    progress = [[json.loads(line) for line in p.read_text().splitlines()] for p in (out / "study").glob("*/result.json")]
+    assert any(len(r) == 2 and all("objective" in x for x in r) for r in progress), progress
+
+
+def test_asha_trials_evaluate_at_the_rungs_ray_decides_on_and_at_their_last_step():
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    from pipelines.tune import asha_rungs
+    from vkd.study import SearchSpace
+
+    for steps, reports, grace, rf in ((200, 9, 1, 3), (200, 8, 1, 4), (200, 16, 1, 4), (60, 4, 1, 2), (200, 9, 3, 3)):
+        space = SearchSpace(name="s", parameters={"unlearn.d_f": {"grid": [0.1]}}, scheduler="asha", reports=reports,
+                            asha={"grace_period": grace, "reduction_factor": rf})
+        at = asha_rungs(space, steps)
+        milestones = sorted(m for m, _ in _Bracket(at[0], steps, rf, 0)._rungs)
+        assert at[-1] == steps and at[0] == grace * (steps // reports)
+        # every rung but one the last step reaches within its last report's steps is evaluated, nothing else
+        assert at[:-1] == [m for m in milestones if m <= steps - steps // reports], (steps, reports, at, milestones)

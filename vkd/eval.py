@@ -18,7 +18,8 @@ retain_qa           MC accuracy, text-only questions on the other entities      
 A multiple-choice item is scored by the log-likelihood of each option as the answer,
 calibrated by the option's likelihood given other entities' images, or without the entity's
 name (see ``option_scores``); the highest wins. This is deterministic and needs no instruction following. Each item sits in its own
-padded row, so batching changes nothing but float rounding.
+padded row, so batching changes nothing but float rounding. Each prompt runs once and its
+keys/values are shared by its options.
 """
 from __future__ import annotations
 
@@ -90,6 +91,47 @@ def _option_logp(adapter: ModelAdapter, prompt_ids: list[list[int]], options: li
     return (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+def _shared_option_logp(adapter: ModelAdapter, prompt_ids: list[list[int]], options: list[list[str]],
+                        extra: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``_option_logp`` of every option in ``options[i]`` after ``prompt_ids[i]``, flat, with
+    each prompt run once: its last logits predict the options' first tokens, and its
+    keys/values, repeated per option, the later ones. Prompts are left-padded so that their
+    keys end where the options start; positions count real tokens only, as in the
+    right-padded full sequences."""
+    batch = adapter.batch(prompt_ids, left_pad=True)
+    mask = batch["attention_mask"]
+    out = adapter.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=True,
+                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1, **extra)
+    row = torch.tensor([i for i, opts in enumerate(options) for _ in opts])
+    targets = adapter.target_ids([o for opts in options for o in opts], eos=False)
+    width = max(1, *map(len, targets))
+    tokens = torch.full((len(targets), width), adapter.tokenizer.pad_token_id, dtype=torch.long)
+    valid = torch.zeros((len(targets), width), dtype=torch.long)
+    for i, t in enumerate(targets):
+        tokens[i, :len(t)], valid[i, :len(t)] = torch.tensor(t, dtype=torch.long), 1
+    logits = out.logits[row, -1:].float()
+    if width > 1:  # no image here: it is in the cached keys/values
+        out.cache.batch_select_indices(row)
+        rest = adapter.model(input_ids=tokens[:, :-1], attention_mask=torch.cat([mask[row], valid[:, :-1]], 1),
+                             position_ids=mask.sum(-1)[row, None] + torch.arange(width - 1), cache=out.cache).logits
+        logits = torch.cat([logits, rest.float()], 1)
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return (logp * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+
+
+def _options_logp(adapter: ModelAdapter, questions: list[str], images: list[Any] | None,
+                  options: list[list[str]]) -> torch.Tensor:
+    """Mean log-likelihood per token of every option in ``options[i]`` as the answer to
+    ``questions[i]`` (asked of ``images[i]``), flat. Families with 3-D positions (Qwen2-VL's
+    mrope) run one full sequence per option instead of sharing the prompt's keys/values."""
+    if adapter.family.name == "llava":
+        prompt_ids, extra = adapter.prompt_inputs(questions, images)
+        return _shared_option_logp(adapter, prompt_ids, options, extra)
+    row = [i for i, opts in enumerate(options) for _ in opts]
+    ids, extra = adapter.prompt_inputs([questions[i] for i in row], None if images is None else [images[i] for i in row])
+    return _option_logp(adapter, ids, [o for opts in options for o in opts], extra)
+
+
 CONTENT_FREE_NAME = "N/A"
 
 
@@ -109,10 +151,10 @@ class Calibration:
 
     def text_prior(self, adapter: ModelAdapter, items: Sequence[dict]) -> torch.Tensor:
         wanted = [(self._unnamed(it), opt) for it in items for opt in it["options"]]
-        missing = sorted(set(wanted) - set(self.text))
+        missing = _by_question(set(wanted) - set(self.text))
         if missing:
-            ids, _ = adapter.prompt_inputs([q for q, _ in missing], None)
-            self.text.update(zip(missing, _option_logp(adapter, ids, [o for _, o in missing], {}).tolist()))
+            logp = _options_logp(adapter, list(missing), None, list(missing.values()))
+            self.text.update(zip(_pairs(missing), logp.tolist()))
         return torch.tensor([self.text[w] for w in wanted])
 
     def image_prior(self, adapter: ModelAdapter, items: Sequence[dict]) -> torch.Tensor:
@@ -122,14 +164,12 @@ class Calibration:
             raise ValueError("image questions need reference images to calibrate against: "
                              "pass Calibration(reference_images(data, forget, k))")
         wanted = [(it["question"], opt) for it in items for opt in it["options"]]
-        missing = sorted(set(wanted) - set(self.image))
+        missing = _by_question(set(wanted) - set(self.image))
         if missing:
-            questions, options = [q for q, _ in missing], [o for _, o in missing]
-            per_ref = []
-            for _, image in self.references:
-                ids, extra = adapter.prompt_inputs(questions, [image] * len(missing))
-                per_ref.append(_option_logp(adapter, ids, options, extra))
-            self.image.update(zip(missing, torch.stack(per_ref, 1)))
+            questions, options = list(missing), list(missing.values())
+            per_ref = [_options_logp(adapter, questions, [image] * len(questions), options)
+                       for _, image in self.references]
+            self.image.update(zip(_pairs(missing), torch.stack(per_ref, 1)))
         out = []
         owners = [ent for ent, _ in self.references]
         for it in items:
@@ -143,6 +183,18 @@ class Calibration:
     def _unnamed(item: dict) -> str:
         name = item.get("name") or ""
         return item["question"].replace(name, CONTENT_FREE_NAME) if name else ""
+
+
+def _by_question(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """(question, option) pairs as each question's options, in sorted order."""
+    out: dict[str, list[str]] = defaultdict(list)
+    for question, option in sorted(pairs):
+        out[question].append(option)
+    return dict(out)
+
+
+def _pairs(by_question: dict[str, list[str]]) -> list[tuple[str, str]]:
+    return [(q, o) for q, opts in by_question.items() for o in opts]
 
 
 @torch.no_grad()
@@ -164,11 +216,8 @@ def option_scores(adapter: ModelAdapter, items: Sequence[dict], calibration: Cal
     (the text-only prompt is out of the image questions' distribution), the marginal over 8
     reference images 0.902; an untrained model is at chance under all four."""
     images = item_images(items)
-    prompt_ids, extra = adapter.prompt_inputs([it["question"] for it in items], images)
     n_opt = len(items[0]["options"])
-    options = [opt for it in items for opt in it["options"]]
-    rep = {k: v.repeat_interleave(n_opt, dim=0) for k, v in extra.items()}
-    cond = _option_logp(adapter, [p for p in prompt_ids for _ in range(n_opt)], options, rep)
+    cond = _options_logp(adapter, [it["question"] for it in items], images, [it["options"] for it in items])
     prior = calibration.image_prior(adapter, items) if images else calibration.text_prior(adapter, items)
     return (cond - prior).view(len(items), n_opt).numpy()
 
