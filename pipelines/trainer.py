@@ -266,7 +266,7 @@ class Probe:
 
     SAMPLE = 4
 
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], text_fixed: bool = False):
         from vkd.config import EvalConfig
         from vkd.data.items import eval_items, eval_plan, reference_images
 
@@ -281,6 +281,9 @@ class Probe:
             by_key.setdefault(it["key"], []).append(it)
         # every SAMPLE-th item of each key (at least one), so every key is scored at every rung
         self.sample = [it for group in by_key.values() for it in group[::self.SAMPLE]]
+        # a run that trains the visual module alone cannot move a text-only answer: the
+        # earlier rungs take those keys from the starting model (the last result scores them)
+        self.rung_items = [it for it in self.sample if it["image"] is not None] if text_fixed else self.sample
         self.start_model = spec["start_model"]
         # the starting model's scores on the sample: given (a study scores them once for
         # all its trials) or scored at the first rung
@@ -313,7 +316,7 @@ class Probe:
             return {**{f"eval/{k}": v for k, v in after.items()}, **objective(self.before, after)}
         if self.sample_before is None:
             self.sample_before = self.start_scores()
-        after = self.score(adapter, self.sample)
+        after = {**self.sample_before, **self.score(adapter, self.rung_items)}
         return {**{f"eval/{k}": v for k, v in after.items()}, **objective(self.sample_before, after)}
 
 
@@ -463,7 +466,7 @@ def _train(job: TrainJob, session: Any) -> None:
         from mlflow.tracking import MlflowClient
 
         tracker = MlflowClient(job.mlflow["tracking_uri"])
-    probe = Probe(job.probe) if job.probe and rank == 0 else None
+    probe = Probe(job.probe, text_fixed=method.trainable == "visual") if job.probe and rank == 0 else None
     bar = None
     if rank == 0:
         from tqdm import tqdm

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import time
@@ -145,18 +146,25 @@ def _tuner(space: SearchSpace, study: dict[str, Any], path: Path, scheduler: str
             sched = ASHAScheduler(time_attr="training_iteration", max_t=space.reports,
                                   grace_period=min(int(space.asha.get("grace_period", 1)), space.reports),
                                   reduction_factor=rf)
-    search = None
+    from ray.tune.search import BasicVariantGenerator
+
+    search, samples = None, space.trials
     if space.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         search = OptunaSearch(seed=space.seed)
     elif space.search == "random":
-        from ray.tune.search import BasicVariantGenerator
-
         search = BasicVariantGenerator(random_state=space.seed)
+    else:
+        # the grid's points in an order drawn from the space's seed, not in the file's order:
+        # asynchronous ASHA lets the first trials at each rung through for want of others to
+        # compare with, and in file order those are always the same corner of the grid
+        points = space.grid_points() * space.trials
+        random.Random(space.seed).shuffle(points)
+        search, samples = BasicVariantGenerator(points_to_evaluate=points, random_state=space.seed), len(points)
     tuner = tune.Tuner(
         trainable, param_space=param_space(space),
-        tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=space.trials, scheduler=sched,
+        tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=samples, scheduler=sched,
                                     search_alg=search, max_concurrent_trials=space.concurrency),
         run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=1),
     )

@@ -130,3 +130,29 @@ def test_cli_bad_input_is_one_clear_line(small_data, tmp_path):
         done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, (args, done.stderr[-1500:])
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr[-1500:]
+
+
+def test_a_rung_of_a_visual_only_run_scores_what_a_full_rung_scores(small_data, tiny_path):
+    """The rungs of a run that trains the visual module alone take the text-only keys from the
+    starting model: with the vision tower changed, they match a rung that scores every key."""
+    import dataclasses
+
+    import torch
+
+    from pipelines.trainer import Probe
+    from vkd.config import EvalConfig
+    from vkd.model import ModelAdapter
+
+    spec = {"data": str(small_data), "forget": "forget_10", "start_model": str(tiny_path), "before": {},
+            "eval": dataclasses.asdict(EvalConfig(generation=False, retain_entities=4, max_rows=4, references=3))}
+    full, fixed = Probe(spec), Probe(spec, text_fixed=True)
+    assert len(fixed.rung_items) < len(full.sample) and all(it["image"] is not None for it in fixed.rung_items)
+    changed = ModelAdapter.load(tiny_path)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in changed.model.named_parameters():
+            if changed.family.group_of(name) != "llm":
+                p.add_(0.5 * torch.randn_like(p))
+    a, b = full(changed, final=False), fixed(changed, final=False)
+    assert a == b
+    assert {k for k in a if k.endswith("_qa")} and a != full(ModelAdapter.load(tiny_path), final=False)
