@@ -340,7 +340,7 @@ class _OnRayTrain:
 
         return ray.train.get_checkpoint()
 
-    def report(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint: Any = None, last: bool = False) -> None:
         import ray.train
 
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -349,8 +349,9 @@ class _OnRayTrain:
 class _InProcess:
     """The loop's view of a run in the caller's process: one rank, the datasets as they are,
     nothing to resume from; the last result and checkpoint are the run's, and in a Tune
-    trial every result also goes to ``ray.tune.report`` (Ray Train's own local mode refuses
-    to run inside a Tune trial)."""
+    trial every result before the last also goes to ``ray.tune.report`` (the trial reports
+    the last itself once it has written it down: a scheduler may stop a trial at any report).
+    Ray Train's own local mode refuses to run inside a Tune trial."""
     local = True
     rank, world = 0, 1
 
@@ -365,9 +366,9 @@ class _InProcess:
     def resume_from(self):
         return None
 
-    def report(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint: Any = None, last: bool = False) -> None:
         self.metrics, self.checkpoint = metrics, checkpoint or self.checkpoint
-        if self.report_to_tune:
+        if self.report_to_tune and not last:
             from ray import tune
 
             tune.report(metrics)
@@ -556,7 +557,7 @@ def _train(job: TrainJob, session: Any) -> None:
                     (Path(tmp) / "state.json").write_text(json.dumps({"step": step}))
                 if done:
                     _save_hf(engine, adapter, Path(tmp) / "hf", rank, cfg.zero_stage)
-                session.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                session.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), last=done)
     for _, source in sources.values():
         source.close()
     if bar is not None:

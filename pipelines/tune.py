@@ -86,7 +86,10 @@ def asha_rungs(space: SearchSpace, steps: int) -> list[int]:
 
 def run_trial(params: dict[str, Any], study: dict[str, Any]) -> None:
     """One trial, in its Tune actor: an unlearning run whose in-run evaluations go to Tune.
-    A finished trial (its result.json exists) reports its saved result and trains nothing."""
+    A finished trial (its result.json exists) reports its saved result and trains nothing.
+    Its seconds count from the start of this function, as Tune's time_total_s of a trial a
+    scheduler stopped does (imports included), so that both kinds add up alike."""
+    start = time.perf_counter()
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -109,7 +112,6 @@ def run_trial(params: dict[str, Any], study: dict[str, Any]) -> None:
     # one worker trains in this trial's process (run_training's local mode: no controller or
     # worker process to start); several go through Ray Train
     local = cfg.train.workers == 1
-    start = time.perf_counter()
     figures = run_unlearn(cfg, study["model"], study["data"], study["forget"], folder / "model",
                           tags={"mlflow.parentRunId": study["parent_run_id"], "study": study["name"], "trial": key},
                           register=False, probes=study["reports"],
@@ -122,6 +124,8 @@ def run_trial(params: dict[str, Any], study: dict[str, Any]) -> None:
     tmp.write_text(json.dumps({"params": params, "metrics": metrics, "seconds": time.perf_counter() - start,
                                "reports": study["reports"], "run_id": figures["run_id"]}, indent=1, sort_keys=True))
     tmp.rename(result_file)
+    if local:  # the last result, reported once written down (see run_training)
+        tune.report({**metrics, "step": cfg.unlearn.steps})
 
 
 def _tuner(space: SearchSpace, study: dict[str, Any], path: Path, scheduler: str, steps: int | None):
@@ -153,15 +157,17 @@ def _tuner(space: SearchSpace, study: dict[str, Any], path: Path, scheduler: str
         from ray.tune.search.optuna import OptunaSearch
 
         search = OptunaSearch(seed=space.seed)
-    elif space.search == "random":
-        search = BasicVariantGenerator(random_state=space.seed)
+    elif space.search == "random":  # (Tune's max_concurrent_trials leaves a given one unbounded)
+        search = BasicVariantGenerator(random_state=space.seed, max_concurrent=space.concurrency)
     else:
         # the grid's points in an order drawn from the space's seed, not in the file's order:
         # asynchronous ASHA lets the first trials at each rung through for want of others to
         # compare with, and in file order those are always the same corner of the grid
         points = space.grid_points() * space.trials
         random.Random(space.seed).shuffle(points)
-        search, samples = BasicVariantGenerator(points_to_evaluate=points, random_state=space.seed), len(points)
+        search = BasicVariantGenerator(points_to_evaluate=points, random_state=space.seed,
+                                       max_concurrent=space.concurrency)
+        samples = len(points)
     tuner = tune.Tuner(
         trainable, param_space=param_space(space),
         tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=samples, scheduler=sched,

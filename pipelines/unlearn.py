@@ -301,8 +301,8 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetS
     Ray Data. A ``tags["mlflow.parentRunId"]`` nests the run under a parent (a study).
     ``keep_model=False`` (tune trials): the weights are neither logged nor kept; the folder
     keeps the config, the report and the metrics. ``local`` (one worker): the trainer runs in
-    this process (``run_training``), and ``report_to_tune`` sends its results to the Tune
-    trial it runs in."""
+    this process (``run_training``), and ``report_to_tune`` sends its results but the last to
+    the Tune trial it runs in (the trial reports the last once it has written it down)."""
     out = refuse_existing(out, overwrite=False).resolve()  # workers run elsewhere: absolute paths only
     method = method_for(cfg.unlearn)
     meta = load_meta(data)

@@ -8,9 +8,9 @@ A space file (``tune_spaces/*.yaml``)::
     trials: 1                    # samples (a grid runs every combination this many times)
     concurrency: 2               # trials at once
     resources: {workers: 1, cpus_per_worker: 1}
-    asha: {grace_period: 1, reduction_factor: 2}   # with scheduler: asha (in reports)
-    reports: 2                   # evaluations per trial during its training (ASHA's rungs)
-    seed: 0                      # the sampler's seed (random, optuna)
+    asha: {grace_period: 1, reduction_factor: 2}   # with scheduler: asha (in reports); trials evaluate at the rungs only
+    reports: 2                   # evaluations per trial (FIFO); ASHA's rung unit: steps / reports
+    seed: 0                      # the sampler's seed (random, optuna; a grid's order)
     fixed: {unlearn.steps: 60}   # config fields every trial shares
     parameters:                  # dotted config fields -> one distribution each
       unlearn.d_i: {grid: [0.01, 0.02, 0.05]}
