@@ -381,22 +381,27 @@ def worker_loop(job_dict: dict[str, Any]) -> None:
 
 
 def _train_in_process(job: TrainJob, datasets: dict[str, Any], report_to_tune: bool) -> Any:
-    """The loop in this process, as one rank of a gloo group of its own (DeepSpeed needs a
-    process group and the rank variables); returns a Ray Train Result."""
+    """The loop in this process, as the one rank of a gloo group (DeepSpeed needs a process
+    group and the rank variables); returns a Ray Train Result. The group is made once and
+    kept for the process's later runs: DeepSpeed keeps handles to the groups it derives from
+    it, which a new group would leave dangling."""
     import ray.train
     import torch.distributed as dist
 
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise ValueError(f"a run in this process needs it alone in its process group; it is one of "
+                         f"{dist.get_world_size()} ranks: run it on Ray Train (train.workers)")
     for ds in datasets.values():  # what Ray Train's DataConfig sets for its workers
         ds.context.execution_options.preserve_order = True
     session = _InProcess(datasets, report_to_tune)
     rank_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     saved = {k: os.environ.get(k) for k in rank_env}
     os.environ.update(rank_env)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         _train(job, session)
     finally:
-        dist.destroy_process_group()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
