@@ -659,7 +659,8 @@ def run_training(job: TrainJob, datasets: dict[str, Any], storage: str | Path, m
     ``job.local`` (one worker): the loop runs in this process on the same data, with the
     same results, without Ray Train: no controller, worker process, placement group or
     split coordinators to start (most of a tune trial's fixed cost), and no restart on
-    failure. ``report_to_tune``: it runs in a Tune trial, where every result goes."""
+    failure. ``report_to_tune``: it runs in a Tune trial, which gets every result but the
+    last (the trial reports that one once it has written it down)."""
     import ray.train
 
     if job.local:

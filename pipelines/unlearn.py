@@ -329,10 +329,10 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetS
                                          items=items_drawn(tcfg, tcfg.max_steps)) for s in method.streams}
             probe = {}
             if probes:
+                every = max(1, tcfg.max_steps // probes)
                 probe = {"data": str(data), "forget": forget, "eval": dataclasses.asdict(cfg.eval), "before": before,
                          "start_model": str(base), "sample_before": sample_before,
-                         "at": sorted(set(probe_at or range(max(1, tcfg.max_steps // probes), tcfg.max_steps + 1,
-                                                             max(1, tcfg.max_steps // probes))))}
+                         "at": sorted(set(probe_at or range(every, tcfg.max_steps + 1, every)))}
             job = TrainJob(out_dir=str(out), cfg=tcfg, total_steps=tcfg.max_steps, method=cfg.unlearn.method,
                            unlearn=dataclasses.asdict(cfg.unlearn), reference_path=str(base),
                            mlflow={"tracking_uri": tracking_uri(cfg.mlflow), "run_id": run.info.run_id},
