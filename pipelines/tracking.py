@@ -55,15 +55,22 @@ def git_sha() -> str:
 
 
 @contextmanager
-def stage_run(cfg: Config, stage: str, tags: dict[str, str], run_name: str | None = None) -> Iterator[Any]:
-    """An MLflow run holding the resolved config as params and the standard tags."""
+def stage_run(cfg: Config, stage: str, tags: dict[str, str], run_name: str | None = None,
+              run_id: str | None = None) -> Iterator[Any]:
+    """An MLflow run holding the resolved config as params and the standard tags (``run_id``:
+    go on in that run, a tune trial resumed from a rung). A Tune scheduler that stops the
+    trial inside it (SystemExit) leaves the run KILLED, not FAILED."""
     import mlflow
 
-    exp = experiment_id(cfg.mlflow)
     all_tags = {"stage": stage, "config_hash": cfg.hash(), "git_sha": git_sha(), **tags}
-    with mlflow.start_run(experiment_id=exp, run_name=run_name or stage, tags=all_tags) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.to_dict()).items()})
-        yield run
+    where = {"run_id": run_id} if run_id else {"experiment_id": experiment_id(cfg.mlflow), "run_name": run_name or stage}
+    with mlflow.start_run(tags=all_tags, **where) as run:
+        try:
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.to_dict()).items()})
+            yield run
+        except SystemExit:
+            mlflow.end_run("KILLED")
+            raise
 
 
 def log_model(run_id: str, folder: str | Path, name: str, aliases: list[str], register: bool) -> int | None:

@@ -41,6 +41,11 @@ class TrainJob:
     fault_at_step: int = 0             # test-only fault hook: rank 0 dies once at this step,
     fault_marker: str = ""             # leaving this file behind so it dies only once
     local: bool = False                # one rank in the caller's process (see run_training)
+    # in process only (a tune trial's rungs, see pipelines.tune): save the training state at
+    # these steps into rung_dir/<step>, and resume from such a folder
+    save_at: list[int] = field(default_factory=list)
+    rung_dir: str = ""
+    resume_dir: str = ""
 
 
 _TOKENIZERS: dict[tuple[str, int], Any] = {}
@@ -169,7 +174,7 @@ def shuffled_sequences(rows: list[dict[str, Any]], plan: RowPlan, items: int, rn
 
 
 def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: RowPlan | None = None,
-                  items: int | None = None):
+                  items: int | None = None, skip: int = 0):
     """Ray dataset of tokenised train sequences: parquet shards -> the rows of ``plan``,
     shuffled -> sequences -> arrays, streamed.
 
@@ -177,10 +182,14 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
     is those many sequences, shuffled as sequences (pass after pass while the rows run
     out), so its consumer needs no local shuffle buffer (see ``unlearn_train_config``): the
     tokeniser does only what is drawn, and the first batch does not wait for a buffer of
-    tokenised sequences to fill."""
+    tokenised sequences to fill. ``skip``: the stream starts after its first ``skip``
+    sequences (a run resumed where it stopped; streams small enough to read in the driver)."""
     import ray
 
     from vkd.data.layout import TRAIN_SPLIT, read_rows, shards_holding
+
+    if skip and items is None:
+        raise ValueError("a stream starts mid-way only when it stops at what its run draws (items)")
 
     plan = plan or RowPlan(turns=cfg.turns, seed=cfg.seed)
     shards = shards_holding(Path(data), TRAIN_SPLIT, plan.ids)
@@ -197,13 +206,16 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
         rows = [r for r in read_rows(Path(data), TRAIN_SPLIT, plan.ids) if plan.keep(r)]
         rng = random.Random(plan.seed)
         if items is not None and rows:
-            seqs = shuffled_sequences(rows, plan, items, rng)
+            seqs = shuffled_sequences(rows, plan, items, rng)[skip:]
             ds = ray.data.from_items(seqs, override_num_blocks=max(1, math.ceil(len(seqs) / TOKENIZE_ROWS)))
         else:
             rng.shuffle(rows)
             ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / INLINE_BLOCK_ROWS)))
             ds = ds.flat_map(plan.sequences)
     else:
+        if skip:
+            raise ValueError(f"a stream of {sum(p.stat().st_size for p in shards) >> 20} MiB cannot start "
+                             "mid-way; resume it from a Ray Train checkpoint")
         ds = ray.data.read_parquet([str(p) for p in shards], include_paths=True)
         if plan.ids is not None or plan.image_only or plan.rows is not None:
             ds = ds.filter(plan.keep)
@@ -347,16 +359,16 @@ class _OnRayTrain:
 
 
 class _InProcess:
-    """The loop's view of a run in the caller's process: one rank, the datasets as they are,
-    nothing to resume from; the last result and checkpoint are the run's, and in a Tune
+    """The loop's view of a run in the caller's process: one rank, the datasets as they are
+    (a resumed run's start where it stopped), resumed from ``job.resume_dir`` if any; the last result and checkpoint are the run's, and in a Tune
     trial every result before the last also goes to ``ray.tune.report`` (the trial reports
     the last itself once it has written it down: a scheduler may stop a trial at any report).
     Ray Train's own local mode refuses to run inside a Tune trial."""
     local = True
     rank, world = 0, 1
 
-    def __init__(self, datasets: dict[str, Any], report_to_tune: bool):
-        self.datasets, self.report_to_tune = datasets, report_to_tune
+    def __init__(self, datasets: dict[str, Any], report_to_tune: bool, resume_dir: str = ""):
+        self.datasets, self.report_to_tune, self.resume_dir = datasets, report_to_tune, resume_dir
         self.metrics: dict[str, Any] = {}
         self.checkpoint: Any = None
 
@@ -364,7 +376,9 @@ class _InProcess:
         return self.datasets[name]
 
     def resume_from(self):
-        return None
+        import ray.train
+
+        return ray.train.Checkpoint.from_directory(self.resume_dir) if self.resume_dir else None
 
     def report(self, metrics: dict[str, Any], checkpoint: Any = None, last: bool = False) -> None:
         self.metrics, self.checkpoint = metrics, checkpoint or self.checkpoint
@@ -395,7 +409,7 @@ def _train_in_process(job: TrainJob, datasets: dict[str, Any], report_to_tune: b
                          f"{dist.get_world_size()} ranks: run it on Ray Train (train.workers)")
     for ds in datasets.values():  # what Ray Train's DataConfig sets for its workers
         ds.context.execution_options.preserve_order = True
-    session = _InProcess(datasets, report_to_tune)
+    session = _InProcess(datasets, report_to_tune, job.resume_dir)
     rank_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     saved = {k: os.environ.get(k) for k in rank_env}
     os.environ.update(rank_env)
@@ -463,7 +477,7 @@ def _train(job: TrainJob, session: Any) -> None:
     checkpoint = session.resume_from()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag="ds")
+            engine.load_checkpoint(d, tag="ds", load_module_strict=False)  # a rung's holds no frozen weight
             step = json.loads((Path(d) / "state.json").read_text())["step"]
     resumed_from = step
 
@@ -498,75 +512,93 @@ def _train(job: TrainJob, session: Any) -> None:
     start, seen, stamps = None, step, []
     waited = 0.0               # seconds spent waiting for batches since the first step
     sources: dict[str, tuple[str, Any]] = {}  # stream -> (dataset it reads now, its batches)
-    while step < job.total_steps:
-        ask = time.perf_counter()
-        inputs = {}
-        for stream in method.streams:
-            dataset = "align" if stream == "train" and step < cfg.align_steps else stream
-            if sources.get(stream, ("",))[0] != dataset:
-                if stream in sources:
-                    sources[stream][1].close()
-                sources[stream] = (dataset, Ahead(batches(dataset, step)))
-        for stream in method.streams:
-            batch = next(sources[stream][1])
-            inputs[stream] = model_inputs({k: v.to(engine.device) for k, v in batch.items()}, keys=method.distills)
-        if start is not None:
-            waited += time.perf_counter() - ask
-        loss, metrics = method.loss(engine, inputs, step_ctx)
-        if dangling:
-            loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in dangling)
-        engine.backward(loss)
-        engine.step()
-        if not engine.is_gradient_accumulation_boundary() and cfg.grad_accum > 1:
-            continue
-        step += 1
-        stamps.append(time.perf_counter())
-        if start is None:
-            start, seen = stamps[-1], step
-        if rank == 0 and step == job.fault_at_step and job.fault_marker and not Path(job.fault_marker).exists():
-            Path(job.fault_marker).write_text(str(step))
-            time.sleep(5)  # let the controller register the last reported checkpoint first
-            os._exit(1)
-        done = step >= job.total_steps
+    try:
+        while step < job.total_steps:
+            ask = time.perf_counter()
+            inputs = {}
+            for stream in method.streams:
+                dataset = "align" if stream == "train" and step < cfg.align_steps else stream
+                if sources.get(stream, ("",))[0] != dataset:
+                    if stream in sources:
+                        sources[stream][1].close()
+                    sources[stream] = (dataset, Ahead(batches(dataset, step)))
+            for stream in method.streams:
+                batch = next(sources[stream][1])
+                inputs[stream] = model_inputs({k: v.to(engine.device) for k, v in batch.items()}, keys=method.distills)
+            if start is not None:
+                waited += time.perf_counter() - ask
+            loss, metrics = method.loss(engine, inputs, step_ctx)
+            if dangling:
+                loss = loss + 0.0 * sum(p.reshape(-1)[0] for p in dangling)
+            engine.backward(loss)
+            engine.step()
+            if not engine.is_gradient_accumulation_boundary() and cfg.grad_accum > 1:
+                continue
+            step += 1
+            stamps.append(time.perf_counter())
+            if start is None:
+                start, seen = stamps[-1], step
+            if rank == 0 and step == job.fault_at_step and job.fault_marker and not Path(job.fault_marker).exists():
+                Path(job.fault_marker).write_text(str(step))
+                time.sleep(5)  # let the controller register the last reported checkpoint first
+                os._exit(1)
+            done = step >= job.total_steps
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", data=sources[method.streams[0]][0], refresh=False)
+            per_step = cfg.batch_size * cfg.grad_accum * world
+            elapsed = max(stamps[-1] - start, 1e-9)
+            half = len(stamps) // 2
+            report = {**metrics, "step": step, "resumed_from": resumed_from, "lr": engine.get_lr()[0],
+                      "samples_per_s": (step - seen) * per_step / elapsed,
+                      "steady_samples_per_s": (len(stamps) - 1 - half) * per_step / max(stamps[-1] - stamps[half], 1e-9),
+                      "data_wait": waited / elapsed}
+            if tracker is not None and (step % cfg.log_every == 0 or done):
+                _log(tracker, job.mlflow["run_id"], {f"train/{k}": v for k, v in report.items()
+                                                     if k not in ("step", "resumed_from")}, step)
+            # a run in this process has no restart to resume from: it saves the final checkpoint only
+            checkpoint_due = done or (not session.local and step % cfg.checkpoint_every == 0)
+            # with a probe, every result carries the objective (Tune's schedulers insist)
+            probe_due = bool(job.probe) and (step in job.probe["at"] or checkpoint_due)
+            if probe_due:
+                with _whole_params(engine, cfg.zero_stage):
+                    if probe is not None:
+                        report.update(probe(adapter, final=done))
+                if tracker is not None:
+                    _log(tracker, job.mlflow["run_id"], {k: v for k, v in report.items() if k.startswith("eval/")
+                                                         or k in ("objective", "forgetting", "preservation")}, step)
+            if step in job.save_at and not done:
+                _save_rung(engine, Path(job.rung_dir) / str(step), step)  # before the report: Tune may stop there
+            if probe_due and not checkpoint_due:
+                session.report(report)
+            if checkpoint_due:
+                # Ray Train copies a reported checkpoint to its storage; in process, its folder stays
+                with _checkpoint_folder(job, session.local) as tmp:
+                    engine.save_checkpoint(tmp, tag="ds")
+                    if rank == 0:
+                        (Path(tmp) / "state.json").write_text(json.dumps({"step": step}))
+                    if done:
+                        _save_hf(engine, adapter, Path(tmp) / "hf", rank, cfg.zero_stage)
+                    session.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), last=done)
+    finally:  # also when a Tune scheduler stops the trial at a report (SystemExit there)
+        for _, source in sources.values():
+            source.close()
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", data=sources[method.streams[0]][0], refresh=False)
-        per_step = cfg.batch_size * cfg.grad_accum * world
-        elapsed = max(stamps[-1] - start, 1e-9)
-        half = len(stamps) // 2
-        report = {**metrics, "step": step, "resumed_from": resumed_from, "lr": engine.get_lr()[0],
-                  "samples_per_s": (step - seen) * per_step / elapsed,
-                  "steady_samples_per_s": (len(stamps) - 1 - half) * per_step / max(stamps[-1] - stamps[half], 1e-9),
-                  "data_wait": waited / elapsed}
-        if tracker is not None and (step % cfg.log_every == 0 or done):
-            _log(tracker, job.mlflow["run_id"], {f"train/{k}": v for k, v in report.items()
-                                                 if k not in ("step", "resumed_from")}, step)
-        # a run in this process has no restart to resume from: it saves the final checkpoint only
-        checkpoint_due = done or (not session.local and step % cfg.checkpoint_every == 0)
-        # with a probe, every result carries the objective (Tune's schedulers insist)
-        probe_due = bool(job.probe) and (step in job.probe["at"] or checkpoint_due)
-        if probe_due:
-            with _whole_params(engine, cfg.zero_stage):
-                if probe is not None:
-                    report.update(probe(adapter, final=done))
-            if tracker is not None:
-                _log(tracker, job.mlflow["run_id"], {k: v for k, v in report.items() if k.startswith("eval/")
-                                                     or k in ("objective", "forgetting", "preservation")}, step)
-        if probe_due and not checkpoint_due:
-            session.report(report)
-        if checkpoint_due:
-            # Ray Train copies a reported checkpoint to its storage; in process, its folder stays
-            with _checkpoint_folder(job, session.local) as tmp:
-                engine.save_checkpoint(tmp, tag="ds")
-                if rank == 0:
-                    (Path(tmp) / "state.json").write_text(json.dumps({"step": step}))
-                if done:
-                    _save_hf(engine, adapter, Path(tmp) / "hf", rank, cfg.zero_stage)
-                session.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp), last=done)
-    for _, source in sources.values():
-        source.close()
-    if bar is not None:
-        bar.close()
+            bar.close()
+
+
+def _save_rung(engine, folder: Path, step: int) -> None:
+    """The training state at a rung (trainable weights, optimizer and schedule; the frozen
+    weights are the starting model's), written whole or not at all: a trial that resumes
+    from it trains on as if it had never stopped."""
+    if (folder / "state.json").is_file():
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True)
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def _checkpoint_folder(job: TrainJob, lasting: bool):

@@ -289,7 +289,8 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetS
                 callbacks: list[Any] | None = None, run_name: str | None = None,
                 keep_model: bool = True, before: dict[str, float] | None = None,
                 sample_before: dict[str, float] | None = None, local: bool = False,
-                report_to_tune: bool = False, probe_at: Sequence[int] | None = None) -> dict[str, Any]:
+                report_to_tune: bool = False, probe_at: Sequence[int] | None = None,
+                rungs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Unlearn ``forget``'s entities from ``model`` into ``out`` (which must not exist).
     Returns the figures: before, after, the study objective, seconds, version, run id.
 
@@ -302,7 +303,11 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetS
     ``keep_model=False`` (tune trials): the weights are neither logged nor kept; the folder
     keeps the config, the report and the metrics. ``local`` (one worker): the trainer runs in
     this process (``run_training``), and ``report_to_tune`` sends its results but the last to
-    the Tune trial it runs in (the trial reports the last once it has written it down)."""
+    the Tune trial it runs in (the trial reports the last once it has written it down).
+    ``rungs`` (a local tune trial under promotion ASHA): {"dir", "save_at", "resume", "run_id"}:
+    the training state is saved at the ``save_at`` steps into ``dir/<step>``; ``resume`` > 0
+    goes on from ``dir/<resume>`` (its streams start where that step left them), in the MLflow
+    run ``run_id``. A resumed run trains what an uninterrupted one does."""
     out = refuse_existing(out, overwrite=False).resolve()  # workers run elsewhere: absolute paths only
     method = method_for(cfg.unlearn)
     meta = load_meta(data)
@@ -317,7 +322,12 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetS
     figures: dict[str, Any] = {"method": cfg.unlearn.method, "model": str(out)}
     work = Path(tempfile.mkdtemp(prefix=f".unlearn-{out.name}-", dir=out.parent))
     try:
-        with stage_run(cfg, "unlearn", run_tags, run_name=run_name or f"unlearn-{cfg.unlearn.method}-{fs.name}") as run:
+        rungs = rungs or {}
+        resume = int(rungs.get("resume", 0))
+        if rungs and not local:
+            raise ValueError("rung checkpoints need the trainer in this process (one worker, local)")
+        with stage_run(cfg, "unlearn", run_tags, run_name=run_name or f"unlearn-{cfg.unlearn.method}-{fs.name}",
+                       run_id=rungs.get("run_id") if resume else None) as run:
             import mlflow
 
             if before is None:  # the starting model's scores (a batch passes them in)
@@ -325,8 +335,9 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetS
             start = time.perf_counter()
             prep = prepare_method(cfg, method, base, data, plans, tcfg, work)
             figures.update(prep["figures"])
+            drawn = resume * tcfg.batch_size * tcfg.grad_accum  # per stream, by the steps before the resumed one
             datasets = {s: train_dataset(data, prep["fields"]["model_path"], tcfg, plans[s],
-                                         items=items_drawn(tcfg, tcfg.max_steps)) for s in method.streams}
+                                         items=items_drawn(tcfg, tcfg.max_steps), skip=drawn) for s in method.streams}
             probe = {}
             if probes:
                 every = max(1, tcfg.max_steps // probes)
@@ -336,7 +347,9 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetS
             job = TrainJob(out_dir=str(out), cfg=tcfg, total_steps=tcfg.max_steps, method=cfg.unlearn.method,
                            unlearn=dataclasses.asdict(cfg.unlearn), reference_path=str(base),
                            mlflow={"tracking_uri": tracking_uri(cfg.mlflow), "run_id": run.info.run_id},
-                           probe=probe, name=f"unlearn-{cfg.unlearn.method}", local=local, **prep["fields"])
+                           probe=probe, name=f"unlearn-{cfg.unlearn.method}", local=local,
+                           save_at=list(rungs.get("save_at", [])), rung_dir=str(rungs.get("dir", "")),
+                           resume_dir=str(Path(rungs["dir"]) / str(resume)) if resume else "", **prep["fields"])
             result = run_training(job, datasets, storage=work / "ray", callbacks=callbacks,
                                   report_to_tune=report_to_tune)
             figures["unlearn_seconds"] = time.perf_counter() - start
