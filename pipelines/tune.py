@@ -10,6 +10,12 @@ evaluated ``reports`` times as it trains, each result reported to Tune so that A
 a poor trial early, and recorded as a child MLflow run. The study leaves the table of trials,
 the plots, the Pareto front and ``best.yaml``, which ``vkd unlearn --config`` takes as it is.
 
+With ``scheduler: asha`` a grid of one-worker trials runs promotion ASHA (``Ladder``): a
+trial stops at a rung unless it is among the best 1/reduction_factor there, saving its
+training state, and goes on from that state when later trials make it one of them. Other
+ASHA studies (random or Optuna search, several workers, searched steps) use Ray's
+``ASHAScheduler``.
+
 Run the same command again to resume an interrupted study: Tune restores its state from
 ``DIR/study``, and a trial whose result is in ``DIR/trials/<key>/result.json`` is never
 trained again.
@@ -28,6 +34,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 
 from pipelines.common import embedded_cpus, init_ray, parse, parser, resolve_config, run_main
 from pipelines.evaluate import cached_evaluation
@@ -39,6 +47,7 @@ from vkd.model import resolve_model
 from vkd.study import SearchSpace, load_space, write_outputs
 
 METRICS = ("forget_vqa", "test_vqa", "forget_qa", "retain_vqa", "retain_qa")
+RESUME = "resume_step"  # in a promotion ASHA trial's config: the rung it goes on from (0: a new point)
 
 
 def overrides(params: dict[str, Any]) -> list[str]:
@@ -84,48 +93,190 @@ def asha_rungs(space: SearchSpace, steps: int) -> list[int]:
     return sorted({m for m in rungs if m <= steps - unit} | {steps})
 
 
-def run_trial(params: dict[str, Any], study: dict[str, Any]) -> None:
+class Ladder(Searcher):
+    """Promotion ASHA (Li et al. 2020, "A System for Massively Parallel Hyperparameter
+    Tuning", Algorithm 2) over the points of a grid, as a Tune searcher; ``RungStop``, its
+    scheduler, records each trial's objective at each rung here.
+
+    A point is promoted past a rung when it is among the best ``len(rung) // rf`` recorded
+    there. A trial that reaches a rung goes on at once if it is; otherwise it stops, keeping
+    its training state (``run_unlearn``'s rungs), and a later Tune trial of the same point
+    goes on from that state when the point becomes one of them. Each Tune trial is one such
+    segment of a point; a free slot takes a promotion first, then a new point. When nothing
+    runs and nothing is left to start and no point has reached the last step, the best point
+    not yet promoted at the highest rung goes on, so that a study always finishes a point.
+
+    Ray's ``ASHAScheduler`` instead lets a trial through a rung unless it falls below the
+    (1 - 1/rf) quantile of the trials recorded there before it: the first always passes, the
+    second whenever it beats the first, and of a dozen trials about four run to the end."""
+
+    def __init__(self, points: list[dict[str, Any]], rungs: Sequence[int], steps: int, rf: int, concurrency: int,
+                 metric: str = "objective", mode: str = "max"):
+        super().__init__(metric=metric, mode=mode)
+        self.queue = [dict(p) for p in points]        # points not started, in order
+        self.rungs, self.steps, self.rf, self.concurrency = list(rungs), steps, rf, concurrency
+        self.records: dict[int, dict[str, float]] = {r: {} for r in self.rungs}  # rung -> {point: objective}
+        self.promoted: dict[int, list[str]] = {r: [] for r in self.rungs}        # rung -> points past it
+        self.points: dict[str, dict[str, Any]] = {}   # point key -> its parameters
+        self.finished: list[str] = []                 # points that reached the last step
+        self.live: dict[str, str] = {}                # Tune trial id -> point key
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True
+
+    def _ranked(self, rung: int) -> list[str]:
+        sign = -1.0 if self.mode == "max" else 1.0
+        return sorted(self.records[rung], key=lambda k: (sign * self.records[rung][k], k))
+
+    def _top(self, rung: int) -> list[str]:
+        return self._ranked(rung)[: len(self.records[rung]) // self.rf]
+
+    def record(self, key: str, rung: int, value: float) -> bool:
+        """A point's objective at a rung; True: it goes on now."""
+        if key in self.promoted[rung]:  # a trial rerun after an interrupted study passes again
+            return True
+        self.records[rung][key] = value
+        go_on = key in self._top(rung)
+        if go_on:
+            self.promoted[rung].append(key)
+        return go_on
+
+    def _next(self) -> tuple[str, int] | None:
+        for rung in reversed(self.rungs):
+            for key in self._top(rung):
+                if key not in self.promoted[rung]:
+                    self.promoted[rung].append(key)
+                    return key, rung
+        if self.queue:
+            point = self.queue.pop(0)
+            key = trial_key(point)
+            self.points[key] = point
+            return key, 0
+        return None
+
+    def _last_resort(self) -> tuple[str, int] | None:
+        if self.finished:
+            return None
+        for rung in reversed(self.rungs):
+            waiting = [k for k in self._ranked(rung) if k not in self.promoted[rung]]
+            if waiting:
+                self.promoted[rung].append(waiting[0])
+                return waiting[0], rung
+        return None
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if len(self.live) >= self.concurrency:
+            return None
+        job = self._next()
+        if job is None:
+            if self.live:  # what runs may yet promote a point
+                return None
+            job = self._last_resort()
+            if job is None:
+                return Searcher.FINISHED
+        key, rung = job
+        self.live[trial_id] = key
+        return {**self.points[key], RESUME: rung}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        key = self.live.pop(trial_id, None)
+        if key is not None and result and not error and result.get("step", 0) >= self.steps:
+            self.finished.append(key)
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps({k: getattr(self, k) for k in self._STATE}))
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = json.loads(Path(checkpoint_path).read_text())
+        for name in ("records", "promoted"):  # JSON keys are strings; rungs are steps
+            state[name] = {int(r): v for r, v in state[name].items()}
+        self.__dict__.update(state)
+
+    _STATE = ("queue", "records", "promoted", "points", "finished", "live")
+
+
+class RungStop(FIFOScheduler):
+    """Promotion ASHA's scheduler: at a rung, a trial goes on only if its ``Ladder`` says so."""
+
+    def __init__(self, ladder: Ladder):
+        super().__init__()
+        self.ladder = ladder
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        step, value = result.get("step"), result.get(self.ladder.metric)
+        if step in self.ladder.records and value is not None:
+            params = {k: v for k, v in trial.config.items() if k != RESUME}
+            if not self.ladder.record(trial_key(params), step, float(value)):
+                return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+
+def run_trial(config: dict[str, Any], study: dict[str, Any]) -> None:
     """One trial, in its Tune actor: an unlearning run whose in-run evaluations go to Tune.
     A finished trial (its result.json exists) reports its saved result and trains nothing.
-    Its seconds count from the start of this function, as Tune's time_total_s of a trial a
-    scheduler stopped does (imports included), so that both kinds add up alike."""
-    start = time.perf_counter()
+    Under promotion ASHA (``study["promote"]``) a trial is one segment of its point's run:
+    it saves the training state at each rung and goes on from ``config[RESUME]``'s, in the
+    point's MLflow run. A study counts Tune's seconds of each trial (``time_total_s``: from
+    the start of this function, imports included, for trials that finish as for trials a
+    scheduler stops)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.unlearn import run_unlearn
 
+    # a reused actor waits this long for a stopped trial to unwind before it takes the next
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "10")
     os.environ["MLFLOW_TRACKING_URI"] = study["tracking_uri"]
     os.environ["VKD_CACHE"] = study["cache"]
+    params = {k: v for k, v in config.items() if k != RESUME}
+    resume = int(config.get(RESUME, 0))
     key = trial_key(params)
     folder = Path(study["out"]) / "trials" / key
     result_file = folder / "result.json"
+    cfg = load_config(study["base"], overrides(params))
     if result_file.is_file():
-        tune.report(json.loads(result_file.read_text())["metrics"])
+        saved = json.loads(result_file.read_text())
+        tune.report({**saved["metrics"], "step": cfg.unlearn.steps, "restored_seconds": saved["seconds"]})
         return
+    start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "attempts.log").open("a") as fh:
-        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} trial {tune.get_context().get_trial_id()}\n")
+        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} trial {tune.get_context().get_trial_id()} from step {resume}\n")
     shutil.rmtree(folder / "model", ignore_errors=True)  # an interrupted attempt's leftovers
-    cfg = load_config(study["base"], overrides(params))
     cfg.save(folder / "config.yaml")
     # one worker trains in this trial's process (run_training's local mode: no controller or
     # worker process to start); several go through Ray Train
     local = cfg.train.workers == 1
-    figures = run_unlearn(cfg, study["model"], study["data"], study["forget"], folder / "model",
-                          tags={"mlflow.parentRunId": study["parent_run_id"], "study": study["name"], "trial": key},
+    tags = {"mlflow.parentRunId": study["parent_run_id"], "study": study["name"], "trial": key}
+    rungs = None
+    if study.get("promote"):
+        rungs = {"dir": str(folder / "rungs"), "save_at": study["probe_at"][:-1], "resume": resume,
+                 "run_id": _trial_run(study, key) if resume else None}
+    figures = run_unlearn(cfg, study["model"], study["data"], study["forget"], folder / "model", tags=tags,
                           register=False, probes=study["reports"],
                           callbacks=None if local else [TuneReportCallback()], local=local, report_to_tune=local,
                           run_name=f"{study['name']}-{key}", keep_model=False,
-                          sample_before=study.get("sample_before"), probe_at=study.get("probe_at"))
+                          sample_before=study.get("sample_before"), probe_at=study.get("probe_at"), rungs=rungs)
     metrics = {"objective": figures["objective"], "forgetting": figures["forgetting"],
                "preservation": figures["preservation"], **{f"eval/{k}": v for k, v in figures["after"].items()}}
     tmp = folder / "result.json.tmp"
     tmp.write_text(json.dumps({"params": params, "metrics": metrics, "seconds": time.perf_counter() - start,
                                "reports": study["reports"], "run_id": figures["run_id"]}, indent=1, sort_keys=True))
     tmp.rename(result_file)
+    shutil.rmtree(folder / "rungs", ignore_errors=True)
     if local:  # the last result, reported once written down (see run_training)
         tune.report({**metrics, "step": cfg.unlearn.steps})
+
+
+def _trial_run(study: dict[str, Any], key: str) -> str | None:
+    """The MLflow run a point's earlier segments ran in."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(study["tracking_uri"])
+    exp = client.get_run(study["parent_run_id"]).info.experiment_id
+    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{study['parent_run_id']}' "
+                                                   f"and tags.trial = '{key}'", max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def _tuner(space: SearchSpace, study: dict[str, Any], path: Path, scheduler: str, steps: int | None):
@@ -139,10 +290,22 @@ def _tuner(space: SearchSpace, study: dict[str, Any], path: Path, scheduler: str
     if tune.Tuner.can_restore(str(path)):
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True), True
     sched = None
+    rf = int(space.asha.get("reduction_factor", 2))
+    if study["promote"]:
+        # the grid's points in an order drawn from the space's seed (see below)
+        points = space.grid_points() * space.trials
+        random.Random(space.seed).shuffle(points)
+        ladder = Ladder(points, study["probe_at"][:-1], steps, rf, space.concurrency)
+        tuner = tune.Tuner(
+            trainable, param_space={},
+            tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=RungStop(ladder), search_alg=ladder,
+                                        num_samples=len(points) * len(study["probe_at"]), reuse_actors=True),
+            run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=1),
+        )
+        return tuner, False
     if scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        rf = int(space.asha.get("reduction_factor", 2))
         if steps:  # rungs in steps (asha_rungs), where the trials evaluate
             sched = ASHAScheduler(time_attr="step", max_t=steps, grace_period=asha_rungs(space, steps)[0],
                                   reduction_factor=rf)
@@ -171,7 +334,8 @@ def _tuner(space: SearchSpace, study: dict[str, Any], path: Path, scheduler: str
     tuner = tune.Tuner(
         trainable, param_space=param_space(space),
         tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=samples, scheduler=sched,
-                                    search_alg=search, max_concurrent_trials=space.concurrency),
+                                    search_alg=search, max_concurrent_trials=space.concurrency,
+                                    reuse_actors=workers == 1),  # a one-worker trial's imports, once per actor
         run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=1),
     )
     return tuner, False
@@ -199,26 +363,42 @@ def _study_run(cfg: Config, space: SearchSpace, out: Path, tags: dict[str, str])
 
 
 def trial_rows(space: SearchSpace, grid, out: Path, last_report: int) -> list[dict[str, Any]]:
-    """One row per trial. A trial with a result.json finished (maybe in an earlier,
-    interrupted run of the study: its figures come from there); one without was stopped
-    early by the scheduler, or failed."""
-    rows = []
+    """One row per point of the space. A point with a result.json finished (maybe in an
+    earlier, interrupted run of the study: its figures come from there); one without was
+    stopped early by the scheduler, or failed. Under promotion ASHA a point may have run as
+    several Tune trials: its seconds and evaluations add up over them, and its figures are
+    those of its furthest one."""
+    points: dict[str, dict[str, Any]] = {}
     for res in grid:
         params = {k: v for k, v in (res.config or {}).items() if k in space.parameters}
         m = dict(res.metrics or {})
-        saved_file = out / "trials" / trial_key(params) / "result.json"
+        p = points.setdefault(trial_key(params), {"params": params, "seconds": 0.0, "reports": 0, "error": False,
+                                                   "last": {}})
+        # Tune's seconds of the trial; a trial that found its result written by an earlier,
+        # interrupted run of the study reports the seconds that run took
+        p["seconds"] += m.get("restored_seconds", m.get("time_total_s")) or 0.0
+        p["reports"] += m.get("training_iteration", 0)
+        p["error"] |= res.error is not None
+        if "objective" in m and m.get("step", 0) >= p["last"].get("step", 0):
+            p["last"] = m
+    rows = []
+    for key, p in points.items():
+        m = dict(p["last"])
+        saved_file = out / "trials" / key / "result.json"
         saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
         if saved:
-            m.update(saved["metrics"], training_iteration=saved["reports"], time_total_s=saved["seconds"])
+            m.update(saved["metrics"])
         # a trial that reached its last evaluation finished, even when the scheduler stopped it
-        # right there (ASHA at max_t) before it could write result.json
-        done = saved or (res.error is None and m.get("training_iteration", 0) >= last_report)
-        status = "finished" if done else ("error" if res.error is not None else "stopped early")
-        row = {"trial": trial_key(params), "status": status, **params,
-               "reports": m.get("training_iteration", 0), "seconds": m.get("time_total_s")}
-        if "objective" in m:
+        # right there (Ray's ASHA at max_t) before it could write result.json
+        done = saved or (not p["error"] and p["reports"] >= last_report)
+        status = "finished" if done else ("error" if p["error"] else "stopped early")
+        row = {"trial": key, "status": status, **p["params"], "reports": saved["reports"] if saved else p["reports"],
+               "seconds": p["seconds"]}
+        if done and "objective" in m:
             row.update({k: m[k] for k in ("objective", "forgetting", "preservation")})
             row.update({k: m.get(f"eval/{k}") for k in METRICS})
+        elif "objective" in m:  # a rung's figures (on a sample, mid-run): not comparable with a finished trial's
+            row["last_rung"] = f"step {m.get('step', '?')}: objective {m['objective']:.3f}"
         rows.append(row)
     return rows
 
@@ -268,15 +448,20 @@ def run_study(cfg: Config, space: SearchSpace, model: str, data: str | Path, for
     points = space.grid_points() if space.search == "grid" else [{}]
     warm_stats([(base.updated(overrides(pt)), forget) for pt in points], base_model, data, out)
     parent = _study_run(base, space, out, identity)
+    # promotion ASHA: a grid of one-worker trials (they keep and resume their rung states in
+    # process); Ray's ASHA otherwise
+    promote = bool(steps) and space.search == "grid" and base.train.workers == 1
     study = {"base": str(out / "base.yaml"), "model": str(base_model), "data": str(data), "forget": forget,
              "out": str(out), "reports": space.reports, "name": space.name, "parent_run_id": parent,
-             "tracking_uri": tracking_uri(base.mlflow),
+             "tracking_uri": tracking_uri(base.mlflow), "promote": promote,
              "cache": str(cache_root()), "sample_before": sample_before, "probe_at": probe_at}
     tuner, resumed = _tuner(space, study, out / "study", scheduler, steps)
     if resumed:
         print(f"resuming the study in {out / 'study'}", flush=True)
     grid = tuner.fit()
     rows = trial_rows(space, grid, out, len(probe_at) if probe_at else space.reports)
+    for rungs in out.glob("trials/*/rungs"):  # the states of points the study stopped for good
+        shutil.rmtree(rungs, ignore_errors=True)
     paths = write_outputs(out, space, rows)
     done = [r for r in rows if r.get("objective") is not None and r["status"] == "finished"]
     client = MlflowClient(tracking_uri(base.mlflow))

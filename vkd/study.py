@@ -186,7 +186,7 @@ def write_outputs(out: str | Path, space: SearchSpace, rows: list[dict[str, Any]
     parameter), heatmaps.png (the mean objective over each pair of parameters) and
     pareto.png (forgetting against preservation, the front marked). ``rows``: a dict per
     trial with its parameters (dotted names), objective, forgetting, preservation, the
-    evaluation keys, seconds and status."""
+    evaluation keys, seconds and status (a trial stopped early: its last rung, no objective)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,7 +199,7 @@ def write_outputs(out: str | Path, space: SearchSpace, rows: list[dict[str, Any]
     front = set(pareto_front([(r["forgetting"], r["preservation"]) for r in done]))
     metrics = ["objective", "forgetting", "preservation", "forget_vqa", "test_vqa", "forget_qa", "retain_vqa",
                "retain_qa"]
-    columns = ["trial", "status", *params, *metrics, "reports", "seconds", "pareto"]
+    columns = ["trial", "status", *params, *metrics, "reports", "seconds", "pareto", "last_rung"]
     table = [{**r, "pareto": i in front} for i, r in enumerate(done)] + [r for r in rows if r.get("objective") is None]
     with (out / "trials.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
