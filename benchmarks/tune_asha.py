@@ -9,7 +9,9 @@ the trials whose objective at a rung is not in the top 1/reduction_factor. The g
 best objective within 5% of FIFO's with at most 40% of its trial-seconds. The evaluation
 of the starting model and the statistics pass are cached before either study starts, so
 neither pays them. ``--fifo-reports 1`` gives FIFO only the final evaluation it needs (the
-strict baseline; by default it evaluates as often as ASHA).
+strict baseline; by default it evaluates as often as ASHA). It also prints, for each rung,
+how well the objectives there rank the points against their final objectives under FIFO
+(Spearman's rho): a rung that ranks them no better than chance decides on noise.
 """
 from __future__ import annotations
 
@@ -28,6 +30,34 @@ from pipelines.common import RAY_ENV  # noqa: E402,F401  (sets the Ray variables
 from pipelines.tune import run_study  # noqa: E402
 from vkd.config import load_config  # noqa: E402
 from vkd.study import load_space  # noqa: E402
+
+
+def rung_ranks(cfg, space, fifo: dict, asha: dict) -> None:
+    """How well each ASHA rung ranks the points: the Spearman correlation of their objectives
+    there with their final objectives in the FIFO study (which finishes every point)."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import tracking_uri
+
+    final = {r["trial"]: r["objective"] for r in fifo["rows"] if r.get("objective") is not None}
+    client = MlflowClient(tracking_uri(cfg.mlflow))
+    exp = client.get_run(asha["parent_run_id"]).info.experiment_id
+    at: dict[int, dict[str, float]] = {}
+    for run in client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{asha['parent_run_id']}'"):
+        for m in client.get_metric_history(run.info.run_id, "objective"):
+            if 0 < m.step < cfg.unlearn.steps:
+                at.setdefault(m.step, {})[run.data.tags["trial"]] = m.value
+
+    def ranks(v):
+        return np.argsort(np.argsort(v))
+
+    for step, values in sorted(at.items()):
+        keys = [k for k in values if k in final]
+        if len(keys) < 3:
+            continue
+        rho = np.corrcoef(ranks([values[k] for k in keys]), ranks([final[k] for k in keys]))[0, 1]
+        print(f"rung at step {step}: {len(keys)} points, Spearman rho with their final objective (FIFO) {rho:+.2f}")
 
 
 def main() -> None:
@@ -72,6 +102,7 @@ def main() -> None:
         print(f"{name:<10} {finished:>8} {best.get('objective', float('nan')):>15.4f} {f['trial_seconds']:>14.0f} "
               f"{f['wall']:>8.0f}  {params}")
     fifo, asha = figures["fifo"], figures["asha"]
+    rung_ranks(cfg, space, fifo, asha)
     ratio_obj = asha["best"]["objective"] / fifo["best"]["objective"]
     ratio_sec = asha["trial_seconds"] / fifo["trial_seconds"]
     print(f"\nASHA / FIFO: best objective {ratio_obj:.3f} (goal >= 0.95), trial-seconds {ratio_sec:.3f} (goal <= 0.40)")

@@ -109,3 +109,119 @@ def test_asha_trials_evaluate_at_the_rungs_ray_decides_on_and_at_their_last_step
         assert at[-1] == steps and at[0] == grace * (steps // reports)
         # every rung but one the last step reaches within its last report's steps is evaluated, nothing else
         assert at[:-1] == [m for m in milestones if m <= steps - steps // reports], (steps, reports, at, milestones)
+
+
+
+def test_promotion_asha_goes_on_with_the_best_of_each_rung_and_always_finishes_a_point(tmp_path):
+    """Ladder (promotion ASHA) decides as in Li et al. 2020, Algorithm 2: a trial goes on past
+    a rung only when it is among the best len(rung) // rf there; a free slot takes a
+    promotion before a new point; a study ends with at least one point at the last step."""
+    from ray.tune.search import Searcher
+
+    from pipelines.tune import RESUME, Ladder, trial_key
+
+    x = [trial_key({"x": i}) for i in range(6)]
+
+    def done(ladder, trial, step):
+        ladder.on_trial_complete(trial, {"step": step})
+
+    ladder = Ladder([{"x": i} for i in range(6)], rungs=[10, 30], steps=90, rf=3, concurrency=2)
+    assert ladder.suggest("t0") == {"x": 0, RESUME: 0} and ladder.suggest("t1") == {"x": 1, RESUME: 0}
+    assert ladder.suggest("t2") is None, "two trials at once at most"
+    # the first trials at a rung have too few to beat: they stop (Ray's ASHA lets the first through)
+    assert ladder.record(x[0], 10, 0.5) is False
+    done(ladder, "t0", 10)
+    assert ladder.suggest("t2") == {"x": 2, RESUME: 0}
+    assert ladder.record(x[1], 10, 0.4) is False
+    done(ladder, "t1", 10)
+    assert ladder.record(x[2], 10, 0.3) is False
+    done(ladder, "t2", 10)
+    # three at the rung: the best of them, stopped, goes on from its rung before a new point starts
+    assert ladder.suggest("t3") == {"x": 0, RESUME: 10} and ladder.suggest("t4") == {"x": 3, RESUME: 0}
+    assert ladder.record(x[3], 10, 0.9) is True, "the best of four goes on at once"
+    assert ladder.record(x[0], 30, 0.6) is False
+    done(ladder, "t3", 30)
+    assert ladder.suggest("t5") == {"x": 4, RESUME: 0}, "x=3 went on already: nothing to promote"
+    assert ladder.record(x[3], 30, 0.7) is False
+    done(ladder, "t4", 30)
+    assert ladder.record(x[4], 10, 0.1) is False
+    done(ladder, "t5", 10)
+    assert ladder.suggest("t6") == {"x": 5, RESUME: 0}
+    assert ladder.record(x[5], 10, 0.8) is True, "second of six: the best two go on"
+    # a trial rerun after an interrupted study passes a rung it passed before
+    assert ladder.record(x[5], 10, 0.0) is True
+    assert ladder.record(x[5], 30, 0.2) is False
+    done(ladder, "t6", 30)
+
+    saved = tmp_path / "ladder.json"
+    ladder.save(str(saved))
+    again = Ladder([{"x": i} for i in range(6)], rungs=[10, 30], steps=90, rf=3, concurrency=2)
+    again.restore(str(saved))
+    for lad in (ladder, again):  # the restored one decides alike
+        assert lad.suggest("t7") == {"x": 3, RESUME: 30}, "best of three at the second rung"
+        assert lad.suggest("t8") is None, "nothing to start while x=3 may still promote others"
+        done(lad, "t7", 90)
+        assert lad.suggest("t8") == Searcher.FINISHED
+
+    # nobody is among the best 1/rf of a rung: the best goes on anyway once nothing else can run
+    few = Ladder([{"x": i} for i in range(3)], rungs=[10], steps=90, rf=4, concurrency=3)
+    for i in range(3):
+        assert few.suggest(f"t{i}") == {"x": i, RESUME: 0}
+    for i, value in enumerate((0.2, 0.7, 0.4)):
+        assert few.record(x[i], 10, value) is False
+        done(few, f"t{i}", 10)
+    assert few.suggest("t3") == {"x": 1, RESUME: 10}
+    assert few.suggest("t4") is None
+    done(few, "t3", 90)
+    assert few.suggest("t4") == Searcher.FINISHED
+
+
+def test_a_promotion_asha_study_resumes_stopped_points_from_their_rungs(small_data, tiny_path, tmp_path):
+    """A real grid study under promotion ASHA, two trials at a time: points stop at rungs,
+    promoted ones go on from their saved state in the same MLflow run, and the study
+    finishes at least one point and cleans the rung states up."""
+    _study_files(tmp_path)
+    space = yaml.safe_load((tmp_path / "space.yaml").read_text())
+    space.update(scheduler="asha", concurrency=2, reports=4, asha={"grace_period": 1, "reduction_factor": 2},
+                 parameters={"unlearn.lr": {"grid": [1.0e-4, 1.0e-3, 5.0e-3, 2.0e-2]}})
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    run = yaml.safe_load((tmp_path / "run.yaml").read_text())
+    run["unlearn"]["steps"] = 8  # rungs at steps 2 and 4, the last at 8
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "pipelines.tune", "--config", str(tmp_path / "run.yaml"), "--space",
+           str(tmp_path / "space.yaml"), "--model", str(tiny_path), "--data", str(small_data), "--forget", "forget_10",
+           "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VKD_CACHE": str(tmp_path / "cache")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 4 and {r["status"] for r in rows} <= {"finished", "stopped early"}
+    finished = [r for r in rows if r["status"] == "finished"]
+    assert finished and all(r["objective"] for r in finished)
+    assert all(r["objective"] == "" and r["last_rung"].startswith("step ") for r in rows if r not in finished)
+    starts = {}
+    for folder in (out / "trials").iterdir():
+        starts[folder.name] = [int(line.rsplit(" ", 1)[1]) for line in (folder / "attempts.log").read_text().splitlines()]
+        assert starts[folder.name][0] == 0 and starts[folder.name] == sorted(set(starts[folder.name]))
+        assert set(starts[folder.name]) <= {0, 2, 4}, "a point goes on from a rung"
+        assert not (folder / "rungs").exists(), "rung states are removed at the end"
+    resumed = [k for k, s in starts.items() if len(s) > 1]
+    assert resumed, starts  # the first trial at each rung always stops
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = json.loads((out / "study.json").read_text())["parent_run_id"]
+    exp = client.get_run(parent).info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(c.data.tags["trial"] for c in children) == sorted(starts), "one MLflow run per point"
+    for c in children:
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "objective")]
+        finished_here = c.data.tags["trial"] in {r["trial"] for r in finished}
+        assert c.info.status == ("FINISHED" if finished_here else "KILLED")
+        if c.data.tags["trial"] in resumed and finished_here:
+            assert {2, 4, 8} <= set(steps), "a resumed point's evaluations all land in its one run"
