@@ -201,7 +201,7 @@ def test_a_run_resumed_from_a_rung_trains_what_an_uninterrupted_run_trains(small
                        rung_dir=str(tmp_path / "rungs"), **fields)
         return run_training(job, ds, storage=tmp_path / "ray")
 
-    straight = run("straight", save_at=[3, 5])
+    run("straight", save_at=[3, 5])
     rung = tmp_path / "rungs" / "5"
     assert json.loads((rung / "state.json").read_text()) == {"step": 5}
     resumed = run("resumed", resume_dir=str(rung), skip=5 * cfg.batch_size)
