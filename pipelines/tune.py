@@ -93,6 +93,15 @@ def asha_rungs(space: SearchSpace, steps: int) -> list[int]:
     return sorted({m for m in rungs if m <= steps - unit} | {steps})
 
 
+def grid_order(space: SearchSpace) -> list[dict[str, Any]]:
+    """The grid's points (``trials`` times over) in an order drawn from the space's seed, not
+    in the file's: the first trials at a rung meet few others there, and in file order those
+    would always be the same corner of the grid."""
+    points = space.grid_points() * space.trials
+    random.Random(space.seed).shuffle(points)
+    return points
+
+
 class Ladder(Searcher):
     """Promotion ASHA (Li et al. 2020, "A System for Massively Parallel Hyperparameter
     Tuning", Algorithm 2) over the points of a grid, as a Tune searcher; ``RungStop``, its
@@ -292,9 +301,7 @@ def _tuner(space: SearchSpace, study: dict[str, Any], path: Path, scheduler: str
     sched = None
     rf = int(space.asha.get("reduction_factor", 2))
     if study["promote"]:
-        # the grid's points in an order drawn from the space's seed (see below)
-        points = space.grid_points() * space.trials
-        random.Random(space.seed).shuffle(points)
+        points = grid_order(space)
         ladder = Ladder(points, study["probe_at"][:-1], steps, rf, space.concurrency)
         tuner = tune.Tuner(
             trainable, param_space={},
@@ -323,11 +330,7 @@ def _tuner(space: SearchSpace, study: dict[str, Any], path: Path, scheduler: str
     elif space.search == "random":  # (Tune's max_concurrent_trials leaves a given one unbounded)
         search = BasicVariantGenerator(random_state=space.seed, max_concurrent=space.concurrency)
     else:
-        # the grid's points in an order drawn from the space's seed, not in the file's order:
-        # asynchronous ASHA lets the first trials at each rung through for want of others to
-        # compare with, and in file order those are always the same corner of the grid
-        points = space.grid_points() * space.trials
-        random.Random(space.seed).shuffle(points)
+        points = grid_order(space)
         search = BasicVariantGenerator(points_to_evaluate=points, random_state=space.seed,
                                        max_concurrent=space.concurrency)
         samples = len(points)
