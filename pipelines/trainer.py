@@ -46,6 +46,9 @@ class TrainJob:
     save_at: list[int] = field(default_factory=list)
     rung_dir: str = ""
     resume_dir: str = ""
+    # per dataset, sequences a resumed run passes over before its first batch (a stream too
+    # large to start mid-way, see train_dataset's skip)
+    discard: dict[str, int] = field(default_factory=dict)
 
 
 _TOKENIZERS: dict[tuple[str, int], Any] = {}
@@ -195,7 +198,7 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
     shards = shards_holding(Path(data), TRAIN_SPLIT, plan.ids)
     # Rows come grouped by entity; shuffle them globally before they fan out into sequences,
     # so each worker's local shuffle buffer mixes many entities.
-    inline = sum(p.stat().st_size for p in shards) <= INLINE_BYTES
+    inline = starts_mid_way(data, plan)
     if inline:
         # A small stream (an unlearning's forget or retain rows, the demo's whole split):
         # read, filter and shuffle here, in milliseconds. Ray Data's file listing, read
@@ -215,7 +218,7 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
     else:
         if skip:
             raise ValueError(f"a stream of {sum(p.stat().st_size for p in shards) >> 20} MiB cannot start "
-                             "mid-way; resume it from a Ray Train checkpoint")
+                             "mid-way; pass its sequences over in the run (TrainJob.discard)")
         ds = ray.data.read_parquet([str(p) for p in shards], include_paths=True)
         if plan.ids is not None or plan.image_only or plan.rows is not None:
             ds = ds.filter(plan.keep)
@@ -237,6 +240,14 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
 
         ds.context.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, [ConcurrencyCapBackpressurePolicy])
     return ds
+
+
+def starts_mid_way(data: str | Path, plan: RowPlan) -> bool:
+    """Whether ``plan``'s stream is small enough to read in the driver, and so can start
+    mid-way (``train_dataset``'s skip); a larger one's resumed run discards what it skips."""
+    from vkd.data.layout import TRAIN_SPLIT, shards_holding
+
+    return sum(p.stat().st_size for p in shards_holding(Path(data), TRAIN_SPLIT, plan.ids)) <= INLINE_BYTES
 
 
 def train_datasets(data: str | Path, model_path: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -493,8 +504,9 @@ def _train(job: TrainJob, session: Any) -> None:
 
         bar = tqdm(total=job.total_steps, initial=step, desc=job.name, mininterval=5, ascii=True)
 
-    def batches(dataset: str, at_step: int):
-        """Endless batches of one dataset shard, pass after pass."""
+    def batches(dataset: str, at_step: int, drop: int = 0):
+        """Endless batches of one dataset shard, pass after pass; the first ``drop`` are
+        passed over."""
         shard = session.dataset_shard(dataset)
         while True:
             count = 0
@@ -502,6 +514,9 @@ def _train(job: TrainJob, session: Any) -> None:
                                                   local_shuffle_buffer_size=cfg.shuffle_buffer or None,
                                                   local_shuffle_seed=cfg.seed + rank + at_step):
                 count += 1
+                if drop:
+                    drop -= 1
+                    continue
                 yield batch
             if count == 0:
                 raise RuntimeError(f"a worker got no {dataset} batch: use fewer workers or a smaller batch size")
@@ -521,7 +536,9 @@ def _train(job: TrainJob, session: Any) -> None:
                 if sources.get(stream, ("",))[0] != dataset:
                     if stream in sources:
                         sources[stream][1].close()
-                    sources[stream] = (dataset, Ahead(batches(dataset, step)))
+                    # a resumed run passes over the batches its earlier steps drew (job.discard)
+                    drop = job.discard.get(dataset, 0) // cfg.batch_size if step == resumed_from else 0
+                    sources[stream] = (dataset, Ahead(batches(dataset, step, drop)))
             for stream in method.streams:
                 batch = next(sources[stream][1])
                 inputs[stream] = model_inputs({k: v.to(engine.device) for k, v in batch.items()}, keys=method.distills)

@@ -22,7 +22,8 @@ from typing import Any, Sequence
 from pipelines.common import init_ray, parse, parser, refuse_existing, resolve_config, run_main
 from pipelines.evaluate import cached_evaluation, evaluate_on_ray, format_table
 from pipelines.tracking import log_model, stage_run, tracking_uri
-from pipelines.trainer import RowPlan, StatsJob, TrainJob, items_drawn, run_stats, run_training, train_dataset
+from pipelines.trainer import (RowPlan, StatsJob, TrainJob, items_drawn, run_stats, run_training, starts_mid_way,
+                               train_dataset)
 from vkd.config import Config, TrainConfig, cache_root
 from vkd.data.layout import TRAIN_SPLIT, ForgetSet, forget_set, load_meta, read_rows
 from vkd.eval import DIRECTIONS, aggregate, counts
@@ -335,9 +336,12 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetS
             start = time.perf_counter()
             prep = prepare_method(cfg, method, base, data, plans, tcfg, work)
             figures.update(prep["figures"])
-            drawn = resume * tcfg.batch_size * tcfg.grad_accum  # per stream, by the steps before the resumed one
+            # a resumed run's streams start after what the steps before it drew: cut off, or
+            # passed over in the run when too large to start mid-way
+            drawn = resume * tcfg.batch_size * tcfg.grad_accum
+            cut = {s: drawn if starts_mid_way(data, plans[s]) else 0 for s in method.streams}
             datasets = {s: train_dataset(data, prep["fields"]["model_path"], tcfg, plans[s],
-                                         items=items_drawn(tcfg, tcfg.max_steps), skip=drawn) for s in method.streams}
+                                         items=items_drawn(tcfg, tcfg.max_steps), skip=cut[s]) for s in method.streams}
             probe = {}
             if probes:
                 every = max(1, tcfg.max_steps // probes)
@@ -349,7 +353,8 @@ def run_unlearn(cfg: Config, model: str, data: str | Path, forget: str | ForgetS
                            mlflow={"tracking_uri": tracking_uri(cfg.mlflow), "run_id": run.info.run_id},
                            probe=probe, name=f"unlearn-{cfg.unlearn.method}", local=local,
                            save_at=list(rungs.get("save_at", [])), rung_dir=str(rungs.get("dir", "")),
-                           resume_dir=str(Path(rungs["dir"]) / str(resume)) if resume else "", **prep["fields"])
+                           resume_dir=str(Path(rungs["dir"]) / str(resume)) if resume else "",
+                           discard={s: drawn - cut[s] for s in method.streams if drawn > cut[s]}, **prep["fields"])
             result = run_training(job, datasets, storage=work / "ray", callbacks=callbacks,
                                   report_to_tune=report_to_tune)
             figures["unlearn_seconds"] = time.perf_counter() - start

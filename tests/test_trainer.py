@@ -185,33 +185,42 @@ def test_local_mode_trains_what_one_ray_train_worker_trains(small_data, tiny_pat
     assert "LOCAL_RANK" not in os.environ and not list(tmp_path.glob(".checkpoint-*"))
 
 
-def test_a_run_resumed_from_a_rung_trains_what_an_uninterrupted_run_trains(small_data, tiny_path, tmp_path, ray_local):
+def test_a_run_resumed_from_a_rung_trains_what_an_uninterrupted_run_trains(small_data, tiny_path, tmp_path, ray_local,
+                                                                          monkeypatch):
     """Promotion ASHA stops a tune trial at a rung and may resume it later from the state it
-    saved there: the resumed run must end where the uninterrupted one ends."""
+    saved there: the resumed run must end where the uninterrupted one ends, whether its
+    stream starts mid-way (read in the driver) or passes over what it drew (streamed)."""
     from safetensors.torch import load_file
 
+    from pipelines import trainer
     from pipelines.trainer import TrainJob, items_drawn, run_training, train_dataset
 
     cfg = dataclasses.replace(SMALL_TRAIN, workers=1, max_steps=8, checkpoint_every=8, align_steps=0, shuffle_buffer=0)
+    start = load_file(tiny_path / "model.safetensors")
 
-    def run(out: str, **fields):
-        skip = fields.pop("skip", 0)
+    def run(out: str, rungs: str, skip: int = 0, **fields):
         ds = {"train": train_dataset(small_data, str(tiny_path), cfg, items=items_drawn(cfg, 8), skip=skip)}
         job = TrainJob(model_path=str(tiny_path), out_dir=str(tmp_path / out), cfg=cfg, total_steps=8, local=True,
-                       rung_dir=str(tmp_path / "rungs"), **fields)
-        return run_training(job, ds, storage=tmp_path / "ray")
+                       rung_dir=str(tmp_path / rungs), **fields)
+        return run_training(job, ds, storage=tmp_path / "ray"), load_file(tmp_path / out / "model.safetensors")
 
-    run("straight", save_at=[3, 5])
-    rung = tmp_path / "rungs" / "5"
-    assert json.loads((rung / "state.json").read_text()) == {"step": 5}
-    resumed = run("resumed", resume_dir=str(rung), skip=5 * cfg.batch_size)
-    assert resumed.metrics["resumed_from"] == 5 and resumed.metrics["step"] == 8
-    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("straight", "resumed"))
-    start = load_file(tiny_path / "model.safetensors")
-    assert any(not torch.equal(a[k], start[k]) for k in a), "the run trained nothing"
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), [k for k in a if not torch.allclose(a[k], b[k])]
-    # one complete folder per rung, no temporary folder left behind
-    assert sorted(p.name for p in (tmp_path / "rungs").iterdir()) == ["3", "5"]
+    def same(a, b):
+        return all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    _, straight = run("straight", "inline", save_at=[3, 5])
+    assert json.loads((tmp_path / "inline" / "5" / "state.json").read_text()) == {"step": 5}
+    assert sorted(p.name for p in (tmp_path / "inline").iterdir()) == ["3", "5"], "one whole folder per rung"
+    result, resumed = run("resumed", "inline", skip=5 * cfg.batch_size, resume_dir=str(tmp_path / "inline" / "5"))
+    assert result.metrics["resumed_from"] == 5 and result.metrics["step"] == 8
+    assert any(not torch.equal(straight[k], start[k]) for k in straight), "the run trained nothing"
+    assert same(straight, resumed), [k for k in straight if not torch.allclose(straight[k], resumed[k])]
+
+    monkeypatch.setattr(trainer, "INLINE_BYTES", 0)  # streamed from its shards: no cutting it short
+    _, straight = run("straight-streamed", "streamed", save_at=[5])
+    result, resumed = run("resumed-streamed", "streamed", discard={"train": 5 * cfg.batch_size},
+                          resume_dir=str(tmp_path / "streamed" / "5"))
+    assert result.metrics["resumed_from"] == 5
+    assert same(straight, resumed), [k for k in straight if not torch.allclose(straight[k], resumed[k])]
 
 
 def test_a_dead_worker_resumes_from_its_checkpoint(small_data, tiny_path, tmp_path, ray_local):

@@ -113,9 +113,10 @@ def test_asha_trials_evaluate_at_the_rungs_ray_decides_on_and_at_their_last_step
 
 
 def test_promotion_asha_goes_on_with_the_best_of_each_rung_and_always_finishes_a_point(tmp_path):
-    """Ladder (promotion ASHA) decides as in Li et al. 2020, Algorithm 2: a trial goes on past
-    a rung only when it is among the best len(rung) // rf there; a free slot takes a
-    promotion before a new point; a study ends with at least one point at the last step."""
+    """Ladder promotes as ASHA does (Li et al. 2020, Algorithm 2): past a rung go the best
+    len(rung) // rf recorded there. Every point reaches the first rung before any goes past
+    it; then a free slot takes a promotion, highest rung first; a study ends with at least
+    one point at the last step."""
     from ray.tune.search import Searcher
 
     from pipelines.tune import RESUME, Ladder, trial_key
@@ -128,29 +129,21 @@ def test_promotion_asha_goes_on_with_the_best_of_each_rung_and_always_finishes_a
     ladder = Ladder([{"x": i} for i in range(6)], rungs=[10, 30], steps=90, rf=3, concurrency=2)
     assert ladder.suggest("t0") == {"x": 0, RESUME: 0} and ladder.suggest("t1") == {"x": 1, RESUME: 0}
     assert ladder.suggest("t2") is None, "two trials at once at most"
-    # the first trials at a rung have too few to beat: they stop (Ray's ASHA lets the first through)
-    assert ladder.record(x[0], 10, 0.5) is False
-    done(ladder, "t0", 10)
-    assert ladder.suggest("t2") == {"x": 2, RESUME: 0}
-    assert ladder.record(x[1], 10, 0.4) is False
-    done(ladder, "t1", 10)
-    assert ladder.record(x[2], 10, 0.3) is False
-    done(ladder, "t2", 10)
-    # three at the rung: the best of them, stopped, goes on from its rung before a new point starts
-    assert ladder.suggest("t3") == {"x": 0, RESUME: 10} and ladder.suggest("t4") == {"x": 3, RESUME: 0}
-    assert ladder.record(x[3], 10, 0.9) is True, "the best of four goes on at once"
-    assert ladder.record(x[0], 30, 0.6) is False
-    done(ladder, "t3", 30)
-    assert ladder.suggest("t5") == {"x": 4, RESUME: 0}, "x=3 went on already: nothing to promote"
+    # while new points wait, every trial stops at the first rung, the best of those there too
+    for i, (trial, value) in enumerate((("t0", 0.5), ("t1", 0.4), ("t2", 0.3), ("t3", 0.9))):
+        assert ladder.record(x[i], 10, value) is False
+        done(ladder, trial, 10)
+        assert ladder.suggest(f"t{i + 2}") == {"x": i + 2, RESUME: 0}
+    assert ladder.record(x[4], 10, 0.1) is False, "not the best of five"
+    done(ladder, "t4", 10)
+    # nothing new is left: the best of five goes on from its rung
+    assert ladder.suggest("t6") == {"x": 3, RESUME: 10}
+    assert ladder.record(x[5], 10, 0.8) is True, "second of six: the best two go on, this one at once"
+    assert ladder.record(x[5], 10, 0.0) is True, "a trial rerun after an interrupted study passes again"
+    assert ladder.record(x[5], 30, 0.2) is False, "the first at the second rung has no one to beat"
+    done(ladder, "t5", 30)
+    assert ladder.suggest("t7") is None, "nothing to promote while x=3 runs"
     assert ladder.record(x[3], 30, 0.7) is False
-    done(ladder, "t4", 30)
-    assert ladder.record(x[4], 10, 0.1) is False
-    done(ladder, "t5", 10)
-    assert ladder.suggest("t6") == {"x": 5, RESUME: 0}
-    assert ladder.record(x[5], 10, 0.8) is True, "second of six: the best two go on"
-    # a trial rerun after an interrupted study passes a rung it passed before
-    assert ladder.record(x[5], 10, 0.0) is True
-    assert ladder.record(x[5], 30, 0.2) is False
     done(ladder, "t6", 30)
 
     saved = tmp_path / "ladder.json"
@@ -158,12 +151,13 @@ def test_promotion_asha_goes_on_with_the_best_of_each_rung_and_always_finishes_a
     again = Ladder([{"x": i} for i in range(6)], rungs=[10, 30], steps=90, rf=3, concurrency=2)
     again.restore(str(saved))
     for lad in (ladder, again):  # the restored one decides alike
-        assert lad.suggest("t7") == {"x": 3, RESUME: 30}, "best of three at the second rung"
-        assert lad.suggest("t8") is None, "nothing to start while x=3 may still promote others"
+        # two at the second rung and none among the best third: nothing else can run, so the
+        # best of them goes on
+        assert lad.suggest("t7") == {"x": 3, RESUME: 30}
+        assert lad.suggest("t8") is None
         done(lad, "t7", 90)
         assert lad.suggest("t8") == Searcher.FINISHED
 
-    # nobody is among the best 1/rf of a rung: the best goes on anyway once nothing else can run
     few = Ladder([{"x": i} for i in range(3)], rungs=[10], steps=90, rf=4, concurrency=3)
     for i in range(3):
         assert few.suggest(f"t{i}") == {"x": i, RESUME: 0}
