@@ -8,7 +8,6 @@ trial's evaluation (its sampled rung and its last, full one). The scores must ag
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from _args import parser  # noqa: E402
 
 from pipelines.trainer import Probe  # noqa: E402
 from vkd.config import EvalConfig  # noqa: E402
@@ -24,10 +24,7 @@ from vkd.model import ModelAdapter  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--forget", default="forget_10")
+    ap = parser(__doc__)
     ap.add_argument("--rows", type=int, default=12, help="questions per row and key (eval.max_rows)")
     ap.add_argument("--retain-entities", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)

@@ -11,7 +11,6 @@ must give the same objective (the same weights: tests/test_trainer.py).
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _args import parser  # noqa: E402
 from pipelines.common import RAY_ENV, init_ray  # noqa: E402,F401  (sets the Ray variables)
 from pipelines.evaluate import cached_evaluation  # noqa: E402
 from pipelines.tune import base_config, overrides  # noqa: E402
@@ -30,12 +30,7 @@ from vkd.study import load_space  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--forget", default="forget_10")
-    ap.add_argument("--space", default="tune_spaces/thresholds_grid.yaml")
-    ap.add_argument("--config", default="configs/demo.yaml")
+    ap = parser(__doc__, study=True)
     ap.add_argument("--repeats", type=int, default=2)
     args, extra = ap.parse_known_args()
     space = load_space(args.space, args.config)

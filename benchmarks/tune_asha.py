@@ -15,7 +15,6 @@ how well the objectives there rank the points against their final objectives und
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _args import parser  # noqa: E402
 from pipelines.common import RAY_ENV  # noqa: E402,F401  (sets the Ray variables)
 from pipelines.tune import run_study  # noqa: E402
 from vkd.config import load_config  # noqa: E402
@@ -61,12 +61,7 @@ def rung_ranks(cfg, space, fifo: dict, asha: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--forget", default="forget_10")
-    ap.add_argument("--space", default="tune_spaces/thresholds_grid.yaml")
-    ap.add_argument("--config", default="configs/demo.yaml")
+    ap = parser(__doc__, study=True)
     ap.add_argument("--reports", type=int, default=4, help="evaluations per trial (ASHA's rungs)")
     ap.add_argument("--fifo-reports", type=int,
                     help="evaluations per FIFO trial (default: --reports; 1 is the strict baseline, which "

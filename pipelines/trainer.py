@@ -198,7 +198,7 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
     shards = shards_holding(Path(data), TRAIN_SPLIT, plan.ids)
     # Rows come grouped by entity; shuffle them globally before they fan out into sequences,
     # so each worker's local shuffle buffer mixes many entities.
-    inline = starts_mid_way(data, plan)
+    inline = _driver_sized(shards)
     if inline:
         # A small stream (an unlearning's forget or retain rows, the demo's whole split):
         # read, filter and shuffle here, in milliseconds. Ray Data's file listing, read
@@ -217,8 +217,8 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
             ds = ds.flat_map(plan.sequences)
     else:
         if skip:
-            raise ValueError(f"a stream of {sum(p.stat().st_size for p in shards) >> 20} MiB cannot start "
-                             "mid-way; pass its sequences over in the run (TrainJob.discard)")
+            raise ValueError("a stream too large to read in the driver cannot start mid-way; pass its "
+                             "sequences over in the run (TrainJob.discard)")
         ds = ray.data.read_parquet([str(p) for p in shards], include_paths=True)
         if plan.ids is not None or plan.image_only or plan.rows is not None:
             ds = ds.filter(plan.keep)
@@ -247,7 +247,11 @@ def starts_mid_way(data: str | Path, plan: RowPlan) -> bool:
     mid-way (``train_dataset``'s skip); a larger one's resumed run discards what it skips."""
     from vkd.data.layout import TRAIN_SPLIT, shards_holding
 
-    return sum(p.stat().st_size for p in shards_holding(Path(data), TRAIN_SPLIT, plan.ids)) <= INLINE_BYTES
+    return _driver_sized(shards_holding(Path(data), TRAIN_SPLIT, plan.ids))
+
+
+def _driver_sized(shards: list[Path]) -> bool:
+    return sum(p.stat().st_size for p in shards) <= INLINE_BYTES
 
 
 def train_datasets(data: str | Path, model_path: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -371,10 +375,11 @@ class _OnRayTrain:
 
 class _InProcess:
     """The loop's view of a run in the caller's process: one rank, the datasets as they are
-    (a resumed run's start where it stopped), resumed from ``job.resume_dir`` if any; the last result and checkpoint are the run's, and in a Tune
-    trial every result before the last also goes to ``ray.tune.report`` (the trial reports
-    the last itself once it has written it down: a scheduler may stop a trial at any report).
-    Ray Train's own local mode refuses to run inside a Tune trial."""
+    (a resumed run's start where it stopped), resumed from ``job.resume_dir`` if any; the
+    last result and checkpoint are the run's, and in a Tune trial every result before the
+    last also goes to ``ray.tune.report`` (the trial reports the last itself once it has
+    written it down: a scheduler may stop a trial at any report). Ray Train's own local mode
+    refuses to run inside a Tune trial."""
     local = True
     rank, world = 0, 1
 

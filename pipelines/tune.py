@@ -13,9 +13,8 @@ the plots, the Pareto front and ``best.yaml``, which ``vkd unlearn --config`` ta
 With ``scheduler: asha`` a grid of one-worker trials runs promotion ASHA (``Ladder``): every
 point runs to the first rung; a trial stops at a rung unless it is among the best
 1/reduction_factor there, saving its training state, and goes on from that state when the
-points recorded there make it one of them. Other
-ASHA studies (random or Optuna search, several workers, searched steps) use Ray's
-``ASHAScheduler``.
+points recorded there make it one of them. Other ASHA studies (random or Optuna search,
+several workers, searched steps) use Ray's ``ASHAScheduler``.
 
 Run the same command again to resume an interrupted study: Tune restores its state from
 ``DIR/study``, and a trial whose result is in ``DIR/trials/<key>/result.json`` is never
@@ -53,6 +52,11 @@ RESUME = "resume_step"  # in a promotion ASHA trial's config: the rung it goes o
 
 def overrides(params: dict[str, Any]) -> list[str]:
     return [override(k, v) for k, v in sorted(params.items())]
+
+
+def point_of(config: dict[str, Any]) -> dict[str, Any]:
+    """A Tune trial's parameters without promotion ASHA's ``RESUME``: the point it trains."""
+    return {k: v for k, v in config.items() if k != RESUME}
 
 
 def trial_key(params: dict[str, Any]) -> str:
@@ -222,8 +226,7 @@ class RungStop(FIFOScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         step, value = result.get("step"), result.get(self.ladder.metric)
         if step in self.ladder.records and value is not None:
-            params = {k: v for k, v in trial.config.items() if k != RESUME}
-            if not self.ladder.record(trial_key(params), step, float(value)):
+            if not self.ladder.record(trial_key(point_of(trial.config)), step, float(value)):
                 return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
 
@@ -245,7 +248,7 @@ def run_trial(config: dict[str, Any], study: dict[str, Any]) -> None:
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "10")
     os.environ["MLFLOW_TRACKING_URI"] = study["tracking_uri"]
     os.environ["VKD_CACHE"] = study["cache"]
-    params = {k: v for k, v in config.items() if k != RESUME}
+    params = point_of(config)
     resume = int(config.get(RESUME, 0))
     key = trial_key(params)
     folder = Path(study["out"]) / "trials" / key
@@ -306,50 +309,53 @@ def _tuner(space: SearchSpace, study: dict[str, Any], path: Path, scheduler: str
     trainable = tune.with_resources(tune.with_parameters(run_trial, study=study), {"cpu": cpus})
     if tune.Tuner.can_restore(str(path)):
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True), True
-    sched = None
     rf = int(space.asha.get("reduction_factor", 2))
-    if study["promote"]:
+    if study["promote"]:  # the searcher gives each trial its point, and caps the trials at once itself
         points = grid_order(space)
-        ladder = Ladder(points, study["probe_at"][:-1], steps, rf, space.concurrency)
-        tuner = tune.Tuner(
-            trainable, param_space={},
-            tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=RungStop(ladder), search_alg=ladder,
-                                        num_samples=len(points) * len(study["probe_at"]), reuse_actors=True),
-            run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=1),
-        )
-        return tuner, False
-    if scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        if steps:  # rungs in steps (asha_rungs), where the trials evaluate
-            sched = ASHAScheduler(time_attr="step", max_t=steps, grace_period=asha_rungs(space, steps)[0],
-                                  reduction_factor=rf)
-        else:  # the steps are a parameter: rungs in evaluations
-            sched = ASHAScheduler(time_attr="training_iteration", max_t=space.reports,
-                                  grace_period=min(int(space.asha.get("grace_period", 1)), space.reports),
-                                  reduction_factor=rf)
-    from ray.tune.search import BasicVariantGenerator
-
-    search, samples = None, space.trials
-    if space.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search = OptunaSearch(seed=space.seed)
-    elif space.search == "random":  # (Tune's max_concurrent_trials leaves a given one unbounded)
-        search = BasicVariantGenerator(random_state=space.seed, max_concurrent=space.concurrency)
+        search = Ladder(points, study["probe_at"][:-1], steps, rf, space.concurrency)
+        sched, samples, params, cap = RungStop(search), len(points) * len(study["probe_at"]), {}, None
     else:
-        points = grid_order(space)
-        search = BasicVariantGenerator(points_to_evaluate=points, random_state=space.seed,
-                                       max_concurrent=space.concurrency)
-        samples = len(points)
+        sched = _ray_scheduler(space, scheduler, steps, rf)
+        search, samples = _search(space)
+        params, cap = param_space(space), space.concurrency
     tuner = tune.Tuner(
-        trainable, param_space=param_space(space),
+        trainable, param_space=params,
         tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=samples, scheduler=sched,
-                                    search_alg=search, max_concurrent_trials=space.concurrency,
+                                    search_alg=search, max_concurrent_trials=cap,
                                     reuse_actors=workers == 1),  # a one-worker trial's imports, once per actor
         run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=1),
     )
     return tuner, False
+
+
+def _ray_scheduler(space: SearchSpace, scheduler: str, steps: int | None, rf: int):
+    """Ray's ASHAScheduler for ``scheduler: asha`` (None: FIFO)."""
+    if scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    if steps:  # rungs in steps (asha_rungs), where the trials evaluate
+        return ASHAScheduler(time_attr="step", max_t=steps, grace_period=asha_rungs(space, steps)[0],
+                             reduction_factor=rf)
+    # the steps are a parameter: rungs in evaluations
+    return ASHAScheduler(time_attr="training_iteration", max_t=space.reports,
+                         grace_period=min(int(space.asha.get("grace_period", 1)), space.reports), reduction_factor=rf)
+
+
+def _search(space: SearchSpace):
+    """The space's search algorithm and its number of trials (Tune's max_concurrent_trials
+    leaves a search algorithm it is given unbounded: each takes the space's concurrency)."""
+    from ray.tune.search import BasicVariantGenerator
+
+    if space.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=space.seed), space.trials
+    if space.search == "random":
+        return BasicVariantGenerator(random_state=space.seed, max_concurrent=space.concurrency), space.trials
+    points = grid_order(space)
+    return BasicVariantGenerator(points_to_evaluate=points, random_state=space.seed,
+                                 max_concurrent=space.concurrency), len(points)
 
 
 def _study_run(cfg: Config, space: SearchSpace, out: Path, tags: dict[str, str]) -> str:

@@ -16,12 +16,14 @@ from tests.conftest import ROOT, SMALL_MODEL
 from vkd.config import load_config
 
 
-def _study_files(tmp_path):
+def _study(tmp_path, small_data, tiny_path, steps: int = 4, **space_fields):
+    """A tiny run config and grid space in ``tmp_path`` (``space_fields`` replace the space's);
+    returns the `vkd tune` command, its environment and its output folder."""
     config = {
         "model": dataclasses.asdict(SMALL_MODEL),
         "train": {"max_length": 96},
         # gradient difference: no statistics pass, a cheap real unlearning run (the study code is method-blind)
-        "unlearn": {"method": "gd", "steps": 4, "lr": 5e-3, "batch_size": 4, "retain_rows": 12},
+        "unlearn": {"method": "gd", "steps": steps, "lr": 5e-3, "batch_size": 4, "retain_rows": 12},
         "eval": {"retain_entities": 2, "generation": False, "max_rows": 2, "references": 3, "actors": 1},
         "mlflow": {"sqlite_file": str(tmp_path / "mlflow.db"), "artifact_dir": str(tmp_path / "mlruns")},
         "ray": {"num_cpus": 4},
@@ -29,12 +31,8 @@ def _study_files(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     space = {"name": "tiny_grid", "search": "grid", "scheduler": "fifo", "concurrency": 1, "reports": 2,
              "resources": {"workers": 1, "cpus_per_worker": 1}, "fixed": {"unlearn.method": "gd"},
-             "parameters": {"unlearn.lr": {"grid": [1.0e-3, 5.0e-3]}}}
+             "parameters": {"unlearn.lr": {"grid": [1.0e-3, 5.0e-3]}}, **space_fields}
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-
-
-def test_a_killed_study_resumes_without_rerunning_finished_trials(small_data, tiny_path, tmp_path):
-    _study_files(tmp_path)
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "pipelines.tune", "--config", str(tmp_path / "run.yaml"), "--space",
            str(tmp_path / "space.yaml"), "--model", str(tiny_path), "--data", str(small_data), "--forget", "forget_10",
@@ -42,6 +40,11 @@ def test_a_killed_study_resumes_without_rerunning_finished_trials(small_data, ti
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VKD_CACHE": str(tmp_path / "cache")}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
+    return cmd, env, out
+
+
+def test_a_killed_study_resumes_without_rerunning_finished_trials(small_data, tiny_path, tmp_path):
+    cmd, env, out = _study(tmp_path, small_data, tiny_path)
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 420
@@ -174,21 +177,10 @@ def test_a_promotion_asha_study_resumes_stopped_points_from_their_rungs(small_da
     """A real grid study under promotion ASHA, two trials at a time: points stop at rungs,
     promoted ones go on from their saved state in the same MLflow run, and the study
     finishes at least one point and cleans the rung states up."""
-    _study_files(tmp_path)
-    space = yaml.safe_load((tmp_path / "space.yaml").read_text())
-    space.update(scheduler="asha", concurrency=2, reports=4, asha={"grace_period": 1, "reduction_factor": 2},
-                 parameters={"unlearn.lr": {"grid": [1.0e-4, 1.0e-3, 5.0e-3, 2.0e-2]}})
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    run = yaml.safe_load((tmp_path / "run.yaml").read_text())
-    run["unlearn"]["steps"] = 8  # rungs at steps 2 and 4, the last at 8
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
-    out = tmp_path / "study"
-    cmd = [sys.executable, "-m", "pipelines.tune", "--config", str(tmp_path / "run.yaml"), "--space",
-           str(tmp_path / "space.yaml"), "--model", str(tiny_path), "--data", str(small_data), "--forget", "forget_10",
-           "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VKD_CACHE": str(tmp_path / "cache")}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
+    # 8 steps: rungs at steps 2 and 4, the last at 8
+    cmd, env, out = _study(tmp_path, small_data, tiny_path, steps=8, scheduler="asha", concurrency=2, reports=4,
+                           asha={"grace_period": 1, "reduction_factor": 2},
+                           parameters={"unlearn.lr": {"grid": [1.0e-4, 1.0e-3, 5.0e-3, 2.0e-2]}})
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
