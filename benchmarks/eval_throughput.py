@@ -1,8 +1,9 @@
 """Foundation figures, measured side by side in one run:
 
 - generation time and size of the demo benchmark (configs/demo.yaml);
-- evaluation items/s of the same untrained tiny model on the same items, through the Ray
-  Data actor pool and in-process, and the two metric tables (they must agree).
+- evaluation items/s of the same untrained tiny model on the same items, in-process and
+  through the Ray Data actor pool, its items built in the driver (a small evaluation's
+  path) and streamed from the shards (a large one's), and the metric tables (they must agree).
 
     .venv/bin/python benchmarks/eval_throughput.py [--config configs/demo.yaml] [--rows N]
 """
@@ -57,17 +58,22 @@ def main() -> None:
         local_s = time.perf_counter() - start
 
         init_ray(cfg)
-        start = time.perf_counter()
-        on_ray = evaluate_on_ray(path, work / "data", args.forget, cfg.eval)
-        ray_s = time.perf_counter() - start
+        on_ray, ray_s = {}, {}
+        for label, inline in (("driver items", True), ("streamed", False)):
+            start = time.perf_counter()
+            on_ray[label] = evaluate_on_ray(path, work / "data", args.forget, cfg.eval, inline=inline)
+            ray_s[label] = time.perf_counter() - start
 
-        print(format_table({}, counts(local), {"in-process": aggregate(local), "ray-data": aggregate(on_ray)}))
+        print(format_table({}, counts(local), {"in-process": aggregate(local),
+                                               **{f"ray {k}": aggregate(v) for k, v in on_ray.items()}}))
         print(f"\n{len(items)} items ({cfg.eval.actors} actors x {cfg.eval.cpus_per_actor} CPU vs in-process "
               f"with {torch.get_num_threads()} threads)")
-        print(f"in-process: {len(local) / local_s:7.1f} items/s ({local_s:.1f} s)")
-        print(f"ray data:   {len(on_ray) / ray_s:7.1f} items/s ({ray_s:.1f} s, actor start-up included)")
-        print(f"ratio ray/in-process: {local_s / ray_s:.2f}x")
-        same = aggregate(local) == aggregate(on_ray)
+        print(f"in-process:            {len(local) / local_s:7.1f} items/s ({local_s:.1f} s)")
+        for label, seconds in ray_s.items():
+            print(f"ray data, {label + ':':<13}{len(on_ray[label]) / seconds:7.1f} items/s ({seconds:.1f} s, "
+                  f"actor start-up included; in-process/ray {local_s / seconds:.2f}x)")
+        print(f"ratio streamed/driver items (seconds): {ray_s['streamed'] / ray_s['driver items']:.2f}x")
+        same = all(aggregate(local) == aggregate(v) for v in on_ray.values())
         print(f"same metrics: {same}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

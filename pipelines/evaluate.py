@@ -2,13 +2,14 @@
 
     python -m pipelines.evaluate --model MODEL --data DATA --forget forget_10 --out metrics.json
 
-The shards stream through ``flat_map`` (rows -> items) into an actor pool whose actors each
-hold one copy of the model and run :func:`vkd.eval.score_items`, the same code the
-in-process evaluation runs.
+The items (built in the driver when their shards are small, else streamed through one
+``read_parquet`` and ``flat_map``) go to an actor pool whose actors each hold one copy of
+the model and run :func:`vkd.eval.score_items`, the same code the in-process evaluation runs.
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -19,8 +20,8 @@ import pandas as pd
 
 from pipelines.common import parse, init_ray, parser, refuse_existing, resolve_config, run_main
 from vkd.config import Config, EvalConfig
-from vkd.data.items import ITEM_COLUMNS, eval_plan, expand_eval_row
-from vkd.data.layout import ForgetSet, shard_paths
+from vkd.data.items import ITEM_COLUMNS, eval_items, eval_plan, expand_eval_row
+from vkd.data.layout import ForgetSet, driver_sized, shards_holding
 from vkd.eval import DIRECTIONS, aggregate, counts
 from vkd.model import resolve_model
 
@@ -37,15 +38,23 @@ def _plain(value: Any) -> Any:
 
 
 class _Expand:
-    def __init__(self, role: str, ids: list[str] | None, cfg: EvalConfig):
-        self.role, self.ids, self.cfg = role, set(ids) if ids else None, cfg
+    """Rows of one read over every split an evaluation scores -> their items: a row yields
+    the items of each (role, entities) its split has in the plan that names its entity."""
+
+    def __init__(self, by_split: dict[str, list[tuple[str, list[str] | None]]], cfg: EvalConfig):
+        self.by_split = {split: [(role, set(ids) if ids else None) for role, ids in parts]
+                         for split, parts in by_split.items()}
+        self.cfg = cfg
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         row = {k: _plain(v) for k, v in row.items()}
-        if self.ids is not None and row["ID"] not in self.ids:
-            return []
-        row["_source"] = f"{row.pop('path', 'shard')}, entity {row['ID']}"
-        return expand_eval_row(row, self.role, self.cfg.max_rows, self.cfg.generation, self.cfg.max_open)
+        path = row.pop("path", "shard")
+        row["_source"] = f"{path}, entity {row['ID']}"
+        items: list[dict[str, Any]] = []
+        for role, ids in self.by_split.get(Path(path).parent.name, ()):
+            if ids is None or row["ID"] in ids:
+                items += expand_eval_row(dict(row), role, self.cfg.max_rows, self.cfg.generation, self.cfg.max_open)
+        return items
 
 
 class ScorerActor:
@@ -73,23 +82,46 @@ class ScorerActor:
 
 
 def evaluate_on_ray(model_path: str | Path, data: str | Path, forget: "str | ForgetSet", cfg: EvalConfig,
-                    plan: list[tuple[str, str, list[str] | None]] | None = None) -> list[dict]:
+                    plan: list[tuple[str, str, list[str] | None]] | None = None,
+                    inline: bool | None = None) -> list[dict]:
     """Per-item results of the evaluation (``plan``: which splits, roles and entities;
-    default :func:`vkd.data.items.eval_plan`), computed by a Ray Data actor pool."""
+    default :func:`vkd.data.items.eval_plan`), computed by a Ray Data actor pool.
+
+    Items whose shards fit the driver (``inline`` None: at most ``INLINE_BYTES``; True or
+    False forces a path) are built here and handed to the pool as they are; larger
+    evaluations stream their shards through one ``read_parquet`` over every split. Ray
+    Data's file listing and read tasks cost a small evaluation 5-20 s, most of it starting
+    their worker processes, and a union of one read per split pays that per split."""
     import ray
 
-    parts = []
-    for split, role, ids in plan or eval_plan(data, forget, cfg.retain_entities):
-        ds = ray.data.read_parquet([str(p) for p in shard_paths(data, split)], include_paths=True)
-        parts.append(ds.flat_map(_Expand(role, ids, cfg)))
-    items = parts[0].union(*parts[1:])
-    scored = items.map_batches(
+    plan = plan or eval_plan(data, forget, cfg.retain_entities)
+    by_split: dict[str, list[tuple[str, list[str] | None]]] = {}
+    for split, role, ids in plan:
+        by_split.setdefault(split, []).append((role, ids))
+    shards = sorted({p for split, parts in by_split.items()
+                     for p in shards_holding(Path(data), split, _union_ids(parts))})
+    if driver_sized(shards) if inline is None else inline:
+        items = [{c: it.get(c) for c in ITEM_COLUMNS}
+                 for it in eval_items(data, forget, cfg.max_rows, cfg.generation, cfg.max_open, plan)]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.batch_size)))
+    else:
+        # a read task per shard: small shards are not packed into one block that one actor scores alone
+        ds = ray.data.read_parquet([str(p) for p in shards], include_paths=True, override_num_blocks=len(shards))
+        ds = ds.flat_map(_Expand(by_split, cfg))
+    scored = ds.map_batches(
         ScorerActor, fn_constructor_kwargs={"model_path": str(model_path), "data": str(data), "forget": forget,
                                             "cfg": cfg},
         batch_size=cfg.batch_size, batch_format="pandas", num_cpus=cfg.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
     )
     return scored.take_all()
+
+
+def _union_ids(parts: list[tuple[str, list[str] | None]]) -> list[str] | None:
+    """The entities any of a split's plan entries reads (None: all of them)."""
+    if any(ids is None for _, ids in parts):
+        return None
+    return sorted({e for _, ids in parts for e in ids})
 
 
 def format_table(metrics: dict[str, float], n: dict[str, int] | None = None,

@@ -125,7 +125,6 @@ class Ahead:
         self._stop.set()
 
 
-INLINE_BYTES = 256 << 20   # a stream whose shards are at most this size is read in the driver
 INLINE_BLOCK_ROWS = 16     # ft_Data rows per block of such a stream: its first batch is tokenised early
 TOKENIZE_ROWS = 64         # sequences per tokeniser call
 
@@ -189,7 +188,7 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
     sequences (a run resumed where it stopped; streams small enough to read in the driver)."""
     import ray
 
-    from vkd.data.layout import TRAIN_SPLIT, read_rows, shards_holding
+    from vkd.data.layout import TRAIN_SPLIT, driver_sized, read_rows, shards_holding
 
     if skip and items is None:
         raise ValueError("a stream starts mid-way only when it stops at what its run draws (items)")
@@ -198,7 +197,7 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
     shards = shards_holding(Path(data), TRAIN_SPLIT, plan.ids)
     # Rows come grouped by entity; shuffle them globally before they fan out into sequences,
     # so each worker's local shuffle buffer mixes many entities.
-    inline = _driver_sized(shards)
+    inline = driver_sized(shards)
     if inline:
         # A small stream (an unlearning's forget or retain rows, the demo's whole split):
         # read, filter and shuffle here, in milliseconds. Ray Data's file listing, read
@@ -245,13 +244,9 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
 def starts_mid_way(data: str | Path, plan: RowPlan) -> bool:
     """Whether ``plan``'s stream is small enough to read in the driver, and so can start
     mid-way (``train_dataset``'s skip); a larger one's resumed run discards what it skips."""
-    from vkd.data.layout import TRAIN_SPLIT, shards_holding
+    from vkd.data.layout import TRAIN_SPLIT, driver_sized, shards_holding
 
-    return _driver_sized(shards_holding(Path(data), TRAIN_SPLIT, plan.ids))
-
-
-def _driver_sized(shards: list[Path]) -> bool:
-    return sum(p.stat().st_size for p in shards) <= INLINE_BYTES
+    return driver_sized(shards_holding(Path(data), TRAIN_SPLIT, plan.ids))
 
 
 def train_datasets(data: str | Path, model_path: str, cfg: TrainConfig) -> dict[str, Any]:

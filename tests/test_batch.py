@@ -103,7 +103,8 @@ def test_ray_job_submit_stop_and_resubmit_does_each_request_once(small_data, tin
     out = tmp_path / "out"
     port, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update(PYTHONPATH=str(ROOT), VKD_CACHE=str(tmp_path / "cache"))
+    # the head stops at once when the test ends (by default it drains its node for 30 s first)
+    env.update(PYTHONPATH=str(ROOT), VKD_CACHE=str(tmp_path / "cache"), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     bindir = os.path.dirname(sys.executable)
     head = subprocess.Popen([f"{bindir}/ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=6",
                              "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",

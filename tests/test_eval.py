@@ -72,11 +72,14 @@ def test_ray_data_gives_the_in_process_numbers(small_data, tiny, tiny_path, ray_
     from vkd.config import EvalConfig
 
     cfg = EvalConfig(batch_size=16, max_new_tokens=6, max_rows=2, actors=2, references=4)
-    on_ray = evaluate_on_ray(tiny_path, small_data, "forget_15", cfg)
     local = evaluate_items(tiny, eval_items(small_data, "forget_15", limit=2), reference_images(small_data, "forget_15", 4),
                            batch_size=7, max_new_tokens=6)
-    assert len(on_ray) == len(local) > 0
-    assert aggregate(on_ray) == pytest.approx(aggregate(local), abs=1e-9)
+    assert local
+    # items built in the driver (a small evaluation), and streamed from the shards (a large one)
+    for inline in (True, False):
+        on_ray = evaluate_on_ray(tiny_path, small_data, "forget_15", cfg, inline=inline)
+        assert len(on_ray) == len(local), inline
+        assert aggregate(on_ray) == pytest.approx(aggregate(local), abs=1e-9), inline
 
 
 def test_untrained_model_is_at_chance_on_the_demo_benchmark(demo_config, tmp_path_factory):

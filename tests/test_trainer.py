@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pipelines.common import free_port
 from tests.conftest import ROOT, SMALL_MODEL
 from vkd.config import TrainConfig
 from vkd.data.items import expand_train_row
+from vkd.data import layout
 from vkd.data.layout import TRAIN_SPLIT, read_rows
 from vkd.model import ModelAdapter
 from vkd.train import Tokenize, lm_loss, model_inputs
@@ -107,7 +109,7 @@ def test_a_small_stream_read_in_the_driver_holds_what_the_streamed_read_holds(sm
         return sorted((tuple(r["input_ids"].tolist()), tuple(r["labels"].tolist())) for r in rows)
 
     inline = trainer.train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan)
-    monkeypatch.setattr(trainer, "INLINE_BYTES", 0)
+    monkeypatch.setattr(layout, "INLINE_BYTES", 0)
     streamed = trainer.train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan)
     assert "RandomShuffle" not in str(inline) and "RandomShuffle" in str(streamed)
     got = content(inline)
@@ -144,26 +146,6 @@ def test_a_stream_that_stops_at_what_its_run_draws_comes_shuffled_as_sequences(s
     assert pictures < n and side_by_side < (n - pictures) / 2
 
 
-def test_two_worker_zero2_run_lowers_the_loss(small_data, tiny_path, tmp_path, ray_local):
-    result = _train(small_data, tiny_path, tmp_path / "trained", name="loss")
-    assert result.metrics["step"] == SMALL_TRAIN.max_steps and result.metrics["resumed_from"] == 0
-    assert (tmp_path / "trained" / "model.safetensors").is_file()
-    before, after = _mean_loss(tiny_path, small_data), _mean_loss(tmp_path / "trained", small_data)
-    assert after < before * 0.8, (before, after)
-    # the finished run lets its controller and dataset coordinators go (none left polling)
-    from ray.util.state import list_actors
-
-    lingering = ["?"]
-    for _ in range(40):
-        lingering = [a.class_name for a in list_actors(address=ray_local.get_runtime_context().gcs_address,
-                                                       filters=[("state", "=", "ALIVE")], limit=1000)
-                     if a.class_name in ("TrainController", "SplitCoordinator", "DatasetManager")]
-        if not lingering:
-            break
-        time.sleep(0.5)
-    assert not lingering, lingering
-
-
 def test_local_mode_trains_what_one_ray_train_worker_trains(small_data, tiny_path, tmp_path, ray_local):
     """A one-worker tune trial trains in its own process (local mode); `vkd unlearn --config
     best.yaml` reruns it on a Ray Train worker: both must give the same weights."""
@@ -192,7 +174,6 @@ def test_a_run_resumed_from_a_rung_trains_what_an_uninterrupted_run_trains(small
     stream starts mid-way (read in the driver) or passes over what it drew (streamed)."""
     from safetensors.torch import load_file
 
-    from pipelines import trainer
     from pipelines.trainer import TrainJob, items_drawn, run_training, train_dataset
 
     cfg = dataclasses.replace(SMALL_TRAIN, workers=1, max_steps=8, checkpoint_every=8, align_steps=0, shuffle_buffer=0)
@@ -215,7 +196,7 @@ def test_a_run_resumed_from_a_rung_trains_what_an_uninterrupted_run_trains(small
     assert any(not torch.equal(straight[k], start[k]) for k in straight), "the run trained nothing"
     assert same(straight, resumed), [k for k in straight if not torch.allclose(straight[k], resumed[k])]
 
-    monkeypatch.setattr(trainer, "INLINE_BYTES", 0)  # streamed from its shards: no cutting it short
+    monkeypatch.setattr(layout, "INLINE_BYTES", 0)  # streamed from its shards: no cutting it short
     _, straight = run("straight-streamed", "streamed", save_at=[5])
     result, resumed = run("resumed-streamed", "streamed", discard={"train": 5 * cfg.batch_size},
                           resume_dir=str(tmp_path / "streamed" / "5"))
@@ -223,7 +204,8 @@ def test_a_run_resumed_from_a_rung_trains_what_an_uninterrupted_run_trains(small
     assert same(straight, resumed), [k for k in straight if not torch.allclose(straight[k], resumed[k])]
 
 
-def test_a_dead_worker_resumes_from_its_checkpoint(small_data, tiny_path, tmp_path, ray_local):
+def test_a_two_worker_zero2_run_resumes_a_dead_worker_from_its_checkpoint_and_lowers_the_loss(
+        small_data, tiny_path, tmp_path, ray_local):
     marker = tmp_path / "fault.txt"
     result = _train(small_data, tiny_path, tmp_path / "resumed", name="fault", fault_at_step=15,
                     fault_marker=str(marker))
@@ -232,6 +214,21 @@ def test_a_dead_worker_resumes_from_its_checkpoint(small_data, tiny_path, tmp_pa
     assert result.metrics["resumed_from"] == 10, "restarted from the step-10 checkpoint, not from scratch"
     with result.checkpoint.as_directory() as d:
         assert json.loads((Path(d) / "state.json").read_text())["step"] == SMALL_TRAIN.max_steps
+    assert (tmp_path / "resumed" / "model.safetensors").is_file()
+    before, after = _mean_loss(tiny_path, small_data), _mean_loss(tmp_path / "resumed", small_data)
+    assert after < before * 0.8, (before, after)
+    # the finished run lets its controller and dataset coordinators go (none left polling)
+    from ray.util.state import list_actors
+
+    lingering = ["?"]
+    for _ in range(40):
+        lingering = [a.class_name for a in list_actors(address=ray_local.get_runtime_context().gcs_address,
+                                                       filters=[("state", "=", "ALIVE")], limit=1000)
+                     if a.class_name in ("TrainController", "SplitCoordinator", "DatasetManager")]
+        if not lingering:
+            break
+        time.sleep(0.5)
+    assert not lingering, lingering
 
 
 def _vanilla(data: Path, out: Path, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -279,7 +276,7 @@ def test_vanilla_against_a_real_mlflow_server(small_data, tmp_path):
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--default-artifact-root", (tmp_path / "server-artifacts").as_uri(), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -293,8 +290,8 @@ def test_vanilla_against_a_real_mlflow_server(small_data, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         assert not (tmp_path / "mlflow.db").exists(), "the server, not a local file, holds the run"
         _check_run(MlflowClient(uri), "vkd-synthetic-vanilla", 1, 12)
-    finally:
-        server.terminate()
+    finally:  # the server and its uvicorn worker at once (a graceful stop takes 5 s)
+        os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
 
 

@@ -216,6 +216,14 @@ def shards_holding(data: Path, split: str, ids: Iterable[str] | None) -> list[Pa
     return held or paths[:1]
 
 
+INLINE_BYTES = 256 << 20   # shards of at most this size in all are read in the driver, not by Ray Data tasks
+
+
+def driver_sized(shards: Iterable[Path]) -> bool:
+    """Whether these shards are small enough to read in the driver (``INLINE_BYTES``)."""
+    return sum(Path(p).stat().st_size for p in shards) <= INLINE_BYTES
+
+
 @functools.lru_cache(maxsize=4096)
 def _shard_ids(path: str, mtime_ns: int) -> frozenset[str] | None:
     try:
