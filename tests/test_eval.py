@@ -82,6 +82,30 @@ def test_ray_data_gives_the_in_process_numbers(small_data, tiny, tiny_path, ray_
         assert aggregate(on_ray) == pytest.approx(aggregate(local), abs=1e-9), inline
 
 
+def test_one_read_of_a_split_gives_each_row_the_items_of_its_own_role(small_data):
+    """A streamed evaluation reads each split once; a batch's forget and retain entities may
+    share a split, and each row must come out under the role that names its entity."""
+    import pyarrow.parquet as pq
+
+    from pipelines.evaluate import _Expand
+    from vkd.config import EvalConfig
+    from vkd.data.items import expand_eval_row
+    from vkd.data.layout import load_meta, shard_paths
+
+    ids = load_meta(small_data).entity_ids("forget_15")
+    shard = shard_paths(small_data, "forget_15")[0]
+    rows = {r["ID"]: r for r in pq.read_table(shard).to_pylist()}
+    assert ids[0] in rows and ids[1] in rows
+    expand = _Expand({"forget_15": [("forget", [ids[0]]), ("retain", [ids[1]])], "Test_Set": [("test", None)]},
+                     EvalConfig(max_rows=2))
+    for entity, role in ((ids[0], "forget"), (ids[1], "retain")):
+        items = expand({**rows[entity], "path": str(shard)})
+        assert items and {it["key"].split("_")[0] for it in items} == {role}
+        assert [it["question"] for it in items] == [it["question"] for it in expand_eval_row(rows[entity], role, 2)]
+    only_first = _Expand({"forget_15": [("forget", [ids[0]])]}, EvalConfig(max_rows=2))
+    assert only_first({**rows[ids[1]], "path": str(shard)}) == [], "an entity the plan does not name"
+
+
 def test_untrained_model_is_at_chance_on_the_demo_benchmark(demo_config, tmp_path_factory):
     """The demo benchmark's multiple choice cannot be guessed: an untrained tiny model of the
     demo's size scores 0.25 +- 0.08 on every multiple-choice key."""
