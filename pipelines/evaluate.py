@@ -105,9 +105,7 @@ def evaluate_on_ray(model_path: str | Path, data: str | Path, forget: "str | For
                  for it in eval_items(data, forget, cfg.max_rows, cfg.generation, cfg.max_open, plan)]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.batch_size)))
     else:
-        # a read task per shard: small shards are not packed into one block that one actor scores alone
-        ds = ray.data.read_parquet([str(p) for p in shards], include_paths=True, override_num_blocks=len(shards))
-        ds = ds.flat_map(_Expand(by_split, cfg))
+        ds = ray.data.read_parquet([str(p) for p in shards], include_paths=True).flat_map(_Expand(by_split, cfg))
     scored = ds.map_batches(
         ScorerActor, fn_constructor_kwargs={"model_path": str(model_path), "data": str(data), "forget": forget,
                                             "cfg": cfg},
