@@ -22,7 +22,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common import RAY_ENV  # noqa: E402,F401  (sets the Ray variables)
+from pipelines.runtime import set_environment  # noqa: E402
+
+set_environment()
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ image questions, four scorings side by side in one run.
 
 raw: option log-likelihood; blank: minus the same with a blank grey image; question-only:
 minus the same question asked as text alone; marginal: minus the log of the mean likelihood
-over ``--refs`` other entities' profile images (what ``vkd.eval`` does).
+over ``--refs`` other entities' profile images (what ``vkd.scoring`` does).
 """
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.runtime import set_environment
+
+set_environment()  # the stages' variables, before the hub, Ray and MLflow load
 from vkd.data.items import eval_items, reference_images
 from vkd.data.layout import decode_image
-from vkd.eval import _option_logp
+from vkd.scoring import _option_logp
 from vkd.model import ModelAdapter
 
 

@@ -13,10 +13,14 @@ from pathlib import Path
 
 import torch
 
+from pipelines.runtime import set_environment
+
+set_environment()  # the stages' variables, before the hub, Ray and MLflow load
 from vkd.config import load_config
 from vkd.data import prepare_benchmark
 from vkd.data.items import eval_items, reference_images
-from vkd.eval import aggregate, evaluate_items
+from vkd.metrics import aggregate
+from vkd.scoring import evaluate_items
 from vkd.model import ModelAdapter, resolve_model
 
 

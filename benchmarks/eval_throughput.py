@@ -16,12 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.common import init_ray
-from pipelines.evaluate import evaluate_on_ray, format_table
+from pipelines.runtime import set_environment
+
+set_environment()  # the stages' variables, before the hub, Ray and MLflow load
+from pipelines.runtime import init_ray
+from pipelines.evaluate import evaluate_on_ray
 from vkd.config import load_config
 from vkd.data import prepare_benchmark
 from vkd.data.items import eval_items, reference_images
-from vkd.eval import aggregate, counts, evaluate_items
+from vkd.metrics import aggregate, counts, format_table
+from vkd.scoring import evaluate_items
 from vkd.model import ModelAdapter, resolve_model
 
 
@@ -57,7 +61,7 @@ def main() -> None:
                                cfg.eval.batch_size, cfg.eval.max_new_tokens)
         local_s = time.perf_counter() - start
 
-        init_ray(cfg)
+        init_ray(cfg.ray.num_cpus)
         on_ray, ray_s = {}, {}
         for label, inline in (("driver items", True), ("streamed", False)):
             start = time.perf_counter()

@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from pipelines.common import init_ray
+from pipelines.runtime import set_environment
+
+set_environment()  # the stages' variables, before the hub, Ray and MLflow load
+from pipelines.runtime import init_ray
 from pipelines.relearn import run_relearn
-from pipelines.unlearn import run_unlearn
+from pipelines.unlearn import options, run_unlearn
 from vkd.config import cache_root, load_config
 
 KEYS = ("forget_vqa", "test_vqa", "forget_qa", "retain_vqa", "retain_qa")
@@ -49,22 +51,23 @@ def main() -> None:
                     help="the quality-matched comparison: GD must keep retain_vqa at this fraction of vanilla's")
     args, overrides = ap.parse_known_args()
     base = load_config(args.config, overrides)
-    init_ray(base)
+    init_ray(base.ray.num_cpus)
     work = Path(tempfile.mkdtemp(prefix="vkd-methods-", dir="runs" if Path("runs").is_dir() else None))
     # statistics cold (an empty cache), evaluations from the usual cache (they are not timed)
     shared = cache_root()
     (work / "cache").mkdir()
     (shared / "eval").mkdir(parents=True, exist_ok=True)
     (work / "cache" / "eval").symlink_to(shared / "eval", target_is_directory=True)
-    os.environ["VKD_CACHE"] = str(work / "cache")
     rows = {}
 
     def unlearn(method: str, scale: float = 1, name: str = "", lr: float | None = None) -> dict:
-        u = dataclasses.replace(base.unlearn, method=method, steps=max(1, round(base.unlearn.steps * scale)),
+        u = dataclasses.replace(base.unlearn.with_method(method), steps=max(1, round(base.unlearn.steps * scale)),
                                 lr=lr or (base.unlearn.lr if method == "vkd" else args.lr_full))
         cfg = dataclasses.replace(base, unlearn=u)
-        return run_unlearn(cfg, args.model, args.data, args.forget, work / (name or f"{method}-x{scale}-lr{lr or 0:g}"),
-                           tags={"benchmark_script": "methods"}, register=False)
+        out = work / (name or f"{method}-x{scale}-lr{lr or 0:g}")
+        r = run_unlearn(options(cfg, args.model, args.data, args.forget, out, cache=work / "cache",
+                                tags={"benchmark_script": "methods"}, register=False))
+        return {"model": r.model, "before": r.before, "after": r.after, "unlearn_seconds": r.seconds}
 
     try:
         for method in args.methods.split(","):

@@ -16,11 +16,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from pipelines.runtime import set_environment  # noqa: E402
+
+set_environment()  # the stages' variables, before the hub, Ray and MLflow load
 from _args import parser  # noqa: E402
 
-from pipelines.trainer import Probe  # noqa: E402
 from vkd.config import EvalConfig  # noqa: E402
+from vkd.data.layout import forget_set, load_meta  # noqa: E402
 from vkd.model import ModelAdapter  # noqa: E402
+from vkd.probe import Probe, ProbeSpec  # noqa: E402
 
 
 def main() -> None:
@@ -30,9 +34,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    spec = {"data": args.data, "forget": args.forget, "start_model": args.model, "before": {},
-            "eval": dataclasses.asdict(EvalConfig(generation=False, max_rows=args.rows,
-                                                  retain_entities=args.retain_entities))}
+    spec = ProbeSpec(data=args.data, forget=forget_set(load_meta(args.data), args.forget), start_model=args.model,
+                     before={}, at=[], eval=EvalConfig(generation=False, max_rows=args.rows,
+                                                       retain_entities=args.retain_entities))
     probe = Probe(spec)
     shared = ModelAdapter.load(args.model)
     per_option = ModelAdapter.load(args.model)

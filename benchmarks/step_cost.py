@@ -23,7 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common import RAY_ENV  # noqa: E402,F401  (sets the offline variables)
+from pipelines.runtime import set_environment  # noqa: E402
+
+set_environment()
 
 
 def main() -> None:
@@ -40,13 +42,13 @@ def main() -> None:
 
     import torch
 
-    from pipelines.unlearn import stream_plans
     from vkd.config import load_config
     from vkd.data.items import benchmark_texts
-    from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows
-    from vkd.methods import StepContext, method_for, visual_features
+    from vkd.data.layout import TRAIN_SPLIT, forget_set, load_meta, read_rows
+    from vkd.methods import StepContext, method_for
+    from vkd.methods.losses import visual_features
     from vkd.model import build_tiny
-    from vkd.train import Tokenize, model_inputs, trainable_names
+    from vkd.train import Tokenize, make_batch, trainable_names
 
     torch.set_num_threads(1)
     cfg = load_config(args.config, overrides)
@@ -54,8 +56,8 @@ def main() -> None:
     image_size = cfg.model.image_size or int(load_meta(data).extra.get("image_size", 0))
     texts = list(benchmark_texts(data))
     vkd = method_for(cfg.unlearn)
-    gd = method_for(dataclasses.replace(cfg.unlearn, method="gd"))
-    plans = stream_plans(cfg, vkd, data, args.forget)
+    gd = method_for(cfg.unlearn.with_method("gd"))
+    plans = vkd.stream_plans(data, forget_set(load_meta(data), args.forget), cfg.unlearn)
 
     print(f"{'LLM':>8} {'visual params':>14} {'LLM params':>11} {'VKD s/step':>11} {'GD s/step':>10} {'GD / VKD':>9}")
     for size in args.llm.split(","):
@@ -69,21 +71,20 @@ def main() -> None:
             rows = [r for r in read_rows(data, TRAIN_SPLIT, plan.ids) if plan.keep(r)]
             random.Random(0).shuffle(rows)
             seqs = [s for r in rows[:n] for s in plan.sequences(r)][:n]
-            return model_inputs({k: torch.from_numpy(v) for k, v in tokenize(seqs).items()}, keys=True)
+            return make_batch({k: torch.from_numpy(v) for k, v in tokenize(seqs).items()})
 
         forget, retain = batch(plans["forget"]), batch(plans["retain"])
-        forget.pop("image_key")
-        teacher_feats = visual_features(adapter, retain["pixel_values"], list(cfg.unlearn.vkd_layers))
-        teacher = {int(k): {n: v[i] for n, v in teacher_feats.items()} for i, k in enumerate(retain["image_key"])}
+        teacher_feats = visual_features(adapter, retain.inputs["pixel_values"], list(vkd.cfg.vkd_layers))
+        teacher = {int(k): {n: v[i] for n, v in teacher_feats.items()} for i, k in enumerate(retain.image_keys)}
         runs = {}
-        for name, method, which, layers_ in (("vkd", vkd, "visual", cfg.unlearn.vision_layers), ("gd", gd, "all", 0)):
+        for name, method in (("vkd", vkd), ("gd", gd)):
             a = copy.deepcopy(adapter)
-            wanted = set(trainable_names(a, which, layers_))
+            wanted = set(method.trainable(a))
             for n, p in a.model.named_parameters():
                 p.requires_grad_(n in wanted)
             a.model.train()
             opt = torch.optim.AdamW([p for p in a.model.parameters() if p.requires_grad], lr=1e-5)
-            runs[name] = (a, method, opt, StepContext(adapter=a, cfg=method.cfg, teacher=teacher))
+            runs[name] = (a, method, opt, StepContext(adapter=a, teacher=teacher))
         n_visual = sum(p.numel() for n, p in adapter.model.named_parameters()
                        if n in set(trainable_names(adapter, "visual", 0)))
         n_llm = sum(p.numel() for p in adapter.model.parameters()) - n_visual
@@ -91,8 +92,7 @@ def main() -> None:
         for step in range(args.steps + 2):
             for name, (a, method, opt, ctx) in runs.items():
                 start = time.perf_counter()
-                own = retain if method.distills else {k: t for k, t in retain.items() if k != "image_key"}
-                loss, _ = method.loss(a.model, {"forget": dict(forget), "retain": dict(own)}, ctx)
+                loss, _ = method.loss(a.model, {"forget": forget, "retain": retain}, ctx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -23,14 +23,17 @@ from pathlib import Path
 
 import torch
 
-from pipelines.common import init_ray
-from pipelines.trainer import TrainJob, run_training, train_datasets
+from pipelines.runtime import set_environment
+
+set_environment()  # the stages' variables, before the hub, Ray and MLflow load
+from pipelines.runtime import init_ray
+from pipelines.train import TrainJob, run_training, train_datasets
 from vkd.config import load_config
 from vkd.data import prepare_benchmark
 from vkd.data.items import train_sequences
 from vkd.data.layout import TRAIN_SPLIT, read_rows
 from vkd.model import ModelAdapter, resolve_model
-from vkd.train import Tokenize, lm_loss, model_inputs, set_trainable
+from vkd.train import Tokenize, lm_loss, model_inputs, set_trainable, trainable_names
 
 
 def bare_loop(model_path: Path, items: list[dict], batch_size: int, steps: int, lr: float,
@@ -38,7 +41,7 @@ def bare_loop(model_path: Path, items: list[dict], batch_size: int, steps: int, 
     torch.set_num_threads(threads)
     adapter = ModelAdapter.load(model_path)
     adapter.model.train()
-    params = set_trainable(adapter, "all")
+    params = set_trainable(adapter, trainable_names(adapter, "all"))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     tokenize = Tokenize(adapter, 128)
     rng = random.Random(0)
@@ -74,7 +77,7 @@ def main() -> None:
         # (label, bare-loop threads it compares with, workers, CPUs per worker)
         runs = (("1 worker x 1 CPU", 1, 1, 1.0), ("1 worker x 2 CPU", 2, 1, 2.0), ("2 workers x 1 CPU", 2, 2, 1.0))
         bare = {t: bare_loop(path, items, bs, args.steps, cfg.train.lr, threads=t) for t in (1, 2)}
-        init_ray(cfg)
+        init_ray(cfg.ray.num_cpus)
         rates = {}
         for label, _, workers, cpus in runs:
             tcfg = dataclasses.replace(cfg.train, workers=workers, cpus_per_worker=cpus, max_steps=args.steps,

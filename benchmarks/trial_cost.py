@@ -20,11 +20,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _args import parser  # noqa: E402
-from pipelines.common import RAY_ENV, init_ray  # noqa: E402,F401  (sets the Ray variables)
+from pipelines.runtime import init_ray, set_environment  # noqa: E402
+
+set_environment()
 from pipelines.evaluate import cached_evaluation  # noqa: E402
-from pipelines.tune import base_config, overrides  # noqa: E402
-from pipelines.unlearn import run_unlearn, warm_stats  # noqa: E402
-from vkd.config import load_config  # noqa: E402
+from pipelines.stats import warm_stats  # noqa: E402
+from pipelines.tune import base_config  # noqa: E402
+from pipelines.tune_trial import overrides  # noqa: E402
+from pipelines.unlearn import TrialHooks, UnlearnOptions, run_unlearn  # noqa: E402
+from vkd.config import cache_root, load_config  # noqa: E402
+from vkd.data.layout import forget_set, load_meta  # noqa: E402
 from vkd.model import resolve_model  # noqa: E402
 from vkd.study import load_space  # noqa: E402
 
@@ -37,23 +42,26 @@ def main() -> None:
     point = space.grid_points()[0]
     cfg = base_config(load_config(args.config, extra), space).updated(overrides({**point, "train.workers": 1}))
     data = Path(args.data).resolve()
-    model = resolve_model(args.model, cfg.model, data)
-    init_ray(cfg)
-    before, _ = cached_evaluation(model, data, args.forget, cfg.eval)
+    cache = cache_root()
+    model = resolve_model(args.model, cfg.model, data, cache)
+    fs = forget_set(load_meta(data), args.forget)
+    init_ray(cfg.ray.num_cpus)
+    before, _ = cached_evaluation(model, data, fs, cfg.eval, cache)
     work = Path(tempfile.mkdtemp(prefix="trial-cost-"))
     try:
-        warm_stats([(cfg, args.forget)], model, data, work)
+        warm_stats([(cfg, fs)], model, data, work, cache)
         seconds: dict[str, list[float]] = {"in process": [], "Ray Train worker": []}
         objective: dict[str, float] = {}
         for i in range(args.repeats):
             for name, local in (("in process", True), ("Ray Train worker", False)):
                 start = time.perf_counter()
-                figures = run_unlearn(cfg, str(model), data, args.forget, work / f"{i}-{local}", register=False,
-                                      probes=1, keep_model=False, before=before, local=local,
-                                      run_name=f"trial-cost-{name}")
+                r = run_unlearn(UnlearnOptions(cfg=cfg, model=model, data=data, forget=fs, out=work / f"{i}-{local}",
+                                               cache=cache, register=False, keep_model=False, before=before,
+                                               run_name=f"trial-cost-{name}",
+                                               trial=TrialHooks(probe_at=[cfg.unlearn.steps], local=local)))
                 seconds[name].append(time.perf_counter() - start)
-                objective[name] = figures["objective"]
-                print(f"{name}: {seconds[name][-1]:.1f} s, objective {figures['objective']:.4f}", flush=True)
+                objective[name] = r.objective["objective"]
+                print(f"{name}: {seconds[name][-1]:.1f} s, objective {objective[name]:.4f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nspace {space.name}, point {point}, {cfg.unlearn.steps} steps, one worker, {args.repeats} runs each")

@@ -26,7 +26,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _args import parser  # noqa: E402
-from pipelines.common import RAY_ENV  # noqa: E402,F401  (sets the Ray variables)
+from pipelines.runtime import set_environment  # noqa: E402
+
+set_environment()
 from pipelines.tune import run_study  # noqa: E402
 from vkd.config import load_config  # noqa: E402
 from vkd.study import load_space  # noqa: E402

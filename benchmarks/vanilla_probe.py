@@ -20,10 +20,14 @@ import time
 
 import torch
 
+from pipelines.runtime import set_environment
+
+set_environment()  # the stages' variables, before the hub, Ray and MLflow load
 from vkd.config import load_config
 from vkd.data.items import eval_items, naming_sequences, reference_images, train_sequences
 from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows
-from vkd.eval import aggregate, evaluate_items
+from vkd.metrics import aggregate
+from vkd.scoring import evaluate_items
 from vkd.model import ModelAdapter, resolve_model
 from vkd.train import Tokenize, model_inputs, set_trainable
 

@@ -20,7 +20,6 @@ an accepted one is registered once (a retry finds the version by its hash).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,16 +29,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipelines.common import embedded_cpus, init_ray, parse, parser, run_main
-from pipelines.evaluate import cached_results, model_fingerprint
-from pipelines.tracking import experiment_id, register_version, registered_model, tracking_uri
+import ray
+from mlflow.tracking import MlflowClient
+
+from pipelines.common import parse, parser, run_main
+from pipelines.evaluate import cached_results
+from pipelines.runtime import embedded_cpus, init_ray
+from pipelines.stats import warm_stats
+from pipelines.tracking import experiment_id, register_version, registered_model, resolved, tracking_uri
+from pipelines.unlearn import UnlearnOptions, run_unlearn
 from vkd.batch import Manifest, Request, check_result, load_manifest
+from vkd.cache import data_fingerprint, digest, model_fingerprint
 from vkd.config import Config, cache_root
 from vkd.data.layout import ForgetSet, load_meta
-from vkd.eval import aggregate
-from vkd.model import data_fingerprint, resolve_model
+from vkd.metrics import MC_KEYS, aggregate
+from vkd.model import resolve_model
 
-SHOWN = ("forget_vqa", "test_vqa", "forget_qa", "retain_vqa", "retain_qa")
+SHOWN = MC_KEYS
 
 
 def forget_sets(manifest: Manifest) -> dict[str, ForgetSet]:
@@ -50,39 +56,29 @@ def forget_sets(manifest: Manifest) -> dict[str, ForgetSet]:
     return {r.id: ForgetSet(r.id, tuple(r.entities), retain) for r in manifest.requests}
 
 
-def absolute(cfg: Config) -> Config:
-    """Paths a Ray task or job resolves in another folder, made absolute."""
-    cfg.mlflow.sqlite_file = str(Path(cfg.mlflow.sqlite_file).resolve())
-    cfg.mlflow.artifact_dir = str(Path(cfg.mlflow.artifact_dir).resolve())
-    return cfg
-
-
 def shared_before(model: Path, data: Path, manifest: Manifest, sets: dict[str, ForgetSet],
-                  configs: dict[str, Config]) -> dict[str, dict[str, float]]:
+                  configs: dict[str, Config], cache: Path) -> dict[str, dict[str, float]]:
     """The starting model's scores for every request with the batch's evaluation settings,
     from one evaluation over all their entities and the shared retain sample (kept in
     ``$VKD_CACHE/eval``, so a resubmitted batch does not redo it)."""
     first = configs[manifest.requests[0].id].eval
     same = [r for r in manifest.requests if configs[r.id].eval == first]
     union = ForgetSet("batch", tuple(sorted({e for r in same for e in r.entities})), sets[same[0].id].retain)
-    results = cached_results(model, data, union, first)
+    results = cached_results(model, data, union, first, cache)
     return {r.id: aggregate([x for x in results if x["key"].startswith("retain") or x["entity"] in set(r.entities)])
             for r in same}
 
 
 def request_hash(request: Request, cfg: Config, model: Path, data: Path, mode: str) -> str:
-    blob = json.dumps({"request": request.spec_hash(), "config": cfg.hash(), "model": model_fingerprint(model),
-                       "data": data_fingerprint(data), "mode": mode}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest({"request": request.spec_hash(), "config": cfg.hash(), "model": model_fingerprint(model),
+                   "data": data_fingerprint(data), "mode": mode})
 
 
-def finished_run(cfg: Config, digest: str):
+def finished_run(cfg: Config, request_digest: str):
     """The MLflow run that already did this request (same hash, a decision recorded)."""
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri(cfg.mlflow))
     runs = client.search_runs([experiment_id(cfg.mlflow)],
-                              filter_string=f"tags.request_hash = '{digest}' and attributes.status = 'FINISHED'")
+                              filter_string=f"tags.request_hash = '{request_digest}' and attributes.status = 'FINISHED'")
     done = [r for r in runs if r.data.tags.get("decision")]
     return done[0] if done else None
 
@@ -96,99 +92,115 @@ def _summary(request: Request, run, status: str, seconds: float, model: str | No
 
 
 def run_request(request: Request, cfg: Config, model: str, data: str, fs: ForgetSet, before: dict | None,
-                out: str, digest: str, tags: dict[str, str]) -> dict[str, Any]:
+                out: str, request_digest: str, tags: dict[str, str], cache: str) -> dict[str, Any]:
     """One request (in a Ray task, or in the driver): skip it if done, else unlearn, decide,
     register an accepted model once, and record the decision last."""
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.unlearn import run_unlearn
-
     start = time.perf_counter()
     folder = Path(out) / request.id
-    done = finished_run(cfg, digest)
+    done = finished_run(cfg, request_digest)
     if done is not None:
         return _summary(request, done, "skipped: done before", 0.0, str(folder) if folder.is_dir() else None)
     if folder.exists():  # an interrupted attempt of this request left it; it holds nothing decided
         shutil.rmtree(folder)
     for stale in Path(out).glob(f".unlearn-{request.id}-????????"):  # and its work folder (mkdtemp: 8 characters)
         shutil.rmtree(stale, ignore_errors=True)
-    figures = run_unlearn(cfg, model, data, fs, folder, tags={"request_id": request.id, "request_hash": digest, **tags},
-                          register=False, probes=1, before=before, run_name=f"batch-{request.id}")
-    reasons = check_result(request.accept, figures["before"], figures["after"])
+    r = run_unlearn(UnlearnOptions(
+        cfg=cfg, model=Path(model), data=Path(data), forget=fs, out=folder, cache=Path(cache), register=False,
+        before=before, score_in_trainer=True, run_name=f"batch-{request.id}",
+        tags={"request_id": request.id, "request_hash": request_digest, **tags}))
+    reasons = check_result(request.accept, r.before, r.after)
     client = MlflowClient(tracking_uri(cfg.mlflow))
-    run_id = figures["run_id"]
     if not reasons:
-        version = register_version(run_id, figures["registered_name"], [f"request-{request.id}"],
-                                   tags={"request_id": request.id, "request_hash": digest}, unique_tag="request_hash")
-        client.set_tag(run_id, "registered_version", str(version))
-    client.set_tag(run_id, "reason", "; ".join(reasons) or "meets every threshold")
-    client.set_tag(run_id, "decision", "rejected" if reasons else "accepted")  # last: the request is done
-    return _summary(request, client.get_run(run_id), "ran", time.perf_counter() - start, str(folder))
+        version = register_version(r.run_id, r.registered_name, [f"request-{request.id}"],
+                                   tags={"request_id": request.id, "request_hash": request_digest},
+                                   unique_tag="request_hash")
+        client.set_tag(r.run_id, "registered_version", str(version))
+    client.set_tag(r.run_id, "reason", "; ".join(reasons) or "meets every threshold")
+    client.set_tag(r.run_id, "decision", "rejected" if reasons else "accepted")  # last: the request is done
+    return _summary(request, client.get_run(r.run_id), "ran", time.perf_counter() - start, str(folder))
 
 
-def run_batch(manifest: Manifest, out: str | Path) -> dict[str, Any]:
-    """Run (or resume) the batch into ``out``. Returns the request summaries (manifest
-    order), the seconds spent on the shared work and the wall seconds."""
-    import ray
-
-    from pipelines.unlearn import warm_stats
-
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data = Path(manifest.data).resolve()
-    configs = {r.id: absolute(manifest.request_config(r)) for r in manifest.requests}
-    first = configs[manifest.requests[0].id]
-    if str(manifest.model).startswith("models:/"):
-        model = registered_model(str(manifest.model), first.mlflow)
-    else:
-        model = resolve_model(manifest.model, first.model, data)
-    sets = forget_sets(manifest)
-    tags = {"batch": manifest.path.stem, "batch_mode": manifest.mode}
-    os.environ["VKD_CACHE"] = str(cache_root())
+def _slots(manifest: Manifest, first: Config) -> int:
+    """Requests at once: the manifest's concurrency, else on the embedded Ray one per core's
+    worth of workers (its CPUs raised to hold them), else as many as the cluster's CPUs hold,
+    leaving one for Ray Data's tasks. Starts Ray."""
     t = first.train
     slots = manifest.concurrency
-    if not os.environ.get("RAY_ADDRESS"):  # embedded: one request per core's worth of workers
+    if not os.environ.get("RAY_ADDRESS"):
         slots = slots or max(1, int((os.cpu_count() or 1) // (t.workers * t.cpus_per_worker)))
-        first.ray.num_cpus = max(first.ray.num_cpus, embedded_cpus(first, slots))
-    init_ray(first)
-    wall = time.perf_counter()
-    if not slots:  # a cluster: as many as its CPUs hold, leaving one for Ray Data's tasks
+        first.ray.num_cpus = max(first.ray.num_cpus, embedded_cpus(t.workers, t.cpus_per_worker, slots))
+    init_ray(first.ray.num_cpus)
+    if not slots:
         cpus = ray.cluster_resources().get("CPU", 1)
         slots = max(1, int((cpus - 1) // (t.workers * t.cpus_per_worker + 1)))
-    summaries: list[dict[str, Any]] = []
-    if manifest.mode == "sequential":
-        current, lineage = model, []
-        for r in manifest.requests:
-            digest = request_hash(r, configs[r.id], current, data, manifest.mode)
-            summary = run_request(r, configs[r.id], str(current), str(data), sets[r.id], None, str(out), digest,
-                                  {**tags, "lineage": ">".join(lineage + [r.id]), "start_model": str(current)})
-            summaries.append(summary)
-            if summary["decision"] == "accepted":
-                current = _local_model(summary, out / r.id, first)
-                lineage.append(r.id)
-            print(_line(summary), flush=True)
-        return {"requests": summaries, "shared_seconds": 0.0, "wall_seconds": time.perf_counter() - wall}
+    return slots
 
+
+def _sequential(manifest: Manifest, configs: dict[str, Config], model: Path, data: Path, sets: dict[str, ForgetSet],
+                out: Path, tags: dict[str, str], cache: Path) -> list[dict[str, Any]]:
+    """Each request from the previous accepted model, one after another; the lineage in tags."""
+    summaries, current, lineage = [], model, []
+    for r in manifest.requests:
+        request_digest = request_hash(r, configs[r.id], current, data, manifest.mode)
+        summary = run_request(r, configs[r.id], str(current), str(data), sets[r.id], None, str(out), request_digest,
+                              {**tags, "lineage": ">".join(lineage + [r.id]), "start_model": str(current)}, str(cache))
+        summaries.append(summary)
+        if summary["decision"] == "accepted":
+            current = _local_model(summary, out / r.id, configs[r.id])
+            lineage.append(r.id)
+        print(_line(summary), flush=True)
+    return summaries
+
+
+def _independent(manifest: Manifest, configs: dict[str, Config], model: Path, data: Path, sets: dict[str, ForgetSet],
+                 out: Path, tags: dict[str, str], cache: Path, slots: int) -> tuple[list[dict[str, Any]], float]:
+    """Each request from the starting model, ``slots`` at once, after the shared work (the
+    starting model's evaluation, every request's statistics in one pass); returns the
+    summaries and the seconds of the shared work."""
     digests = {r.id: request_hash(r, configs[r.id], model, data, manifest.mode) for r in manifest.requests}
     todo = [r for r in manifest.requests if finished_run(configs[r.id], digests[r.id]) is None]
     shared = time.perf_counter()
-    before = shared_before(model, data, manifest, sets, configs) if todo else {}
+    before = shared_before(model, data, manifest, sets, configs, cache) if todo else {}
     if todo:  # every request's statistics in one pass; the retain side (and teacher) once for all
-        warm_stats([(configs[r.id], sets[r.id]) for r in todo], model, data, out)
+        warm_stats([(configs[r.id], sets[r.id]) for r in todo], model, data, out, cache)
     shared = time.perf_counter() - shared
     task = ray.remote(num_cpus=0.01, max_retries=0)(run_request)
     pending: dict[Any, Request] = {}
-    queue = list(manifest.requests)
+    queue, summaries = list(manifest.requests), []
     while queue or pending:
         while queue and len(pending) < slots:
             r = queue.pop(0)
             pending[task.remote(r, configs[r.id], str(model), str(data), sets[r.id], before.get(r.id), str(out),
-                                digests[r.id], tags)] = r
+                                digests[r.id], tags, str(cache))] = r
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             pending.pop(ref)
             summaries.append(ray.get(ref))
             print(_line(summaries[-1]), flush=True)
+    return summaries, shared
+
+
+def run_batch(manifest: Manifest, out: str | Path) -> dict[str, Any]:
+    """Run (or resume) the batch into ``out``. Returns the request summaries (manifest
+    order), the seconds spent on the shared work and the wall seconds."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data, cache = Path(manifest.data).resolve(), cache_root()
+    configs = {r.id: resolved(manifest.request_config(r)) for r in manifest.requests}
+    first = configs[manifest.requests[0].id]
+    if str(manifest.model).startswith("models:/"):
+        model = registered_model(str(manifest.model), first.mlflow, cache)
+    else:
+        model = resolve_model(manifest.model, first.model, data, cache)
+    sets = forget_sets(manifest)
+    tags = {"batch": manifest.path.stem, "batch_mode": manifest.mode}
+    slots = _slots(manifest, first)
+    wall = time.perf_counter()
+    shared = 0.0
+    if manifest.mode == "sequential":
+        summaries = _sequential(manifest, configs, model, data, sets, out, tags, cache)
+    else:
+        summaries, shared = _independent(manifest, configs, model, data, sets, out, tags, cache, slots)
     order = {r.id: i for i, r in enumerate(manifest.requests)}
     return {"requests": sorted(summaries, key=lambda s: order[s["id"]]), "shared_seconds": shared,
             "wall_seconds": time.perf_counter() - wall}
@@ -198,8 +210,6 @@ def _local_model(summary: dict[str, Any], folder: Path, cfg: Config) -> Path:
     """An accepted request's model: its folder, or its MLflow artifact when the folder is gone."""
     if (folder / "config.json").is_file():
         return folder
-    from mlflow.tracking import MlflowClient
-
     tmp = folder.with_name(f".{folder.name}-download")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

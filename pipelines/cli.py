@@ -5,6 +5,8 @@ import importlib
 import sys
 from typing import Sequence
 
+from pipelines.runtime import set_environment
+
 STAGES = {
     "prepare": "make or ingest a benchmark into parquet shards",
     "vanilla": "fine-tune the base model on every entity (the teacher), on Ray Train + DeepSpeed",
@@ -12,6 +14,7 @@ STAGES = {
     "unlearn": "make a model forget what the forget split's entities look like (vkd or a baseline)",
     "relearn": "the relearning attack on an unlearned model: Accuracy Gap on held-out forget entities",
     "tune": "a sensitivity study over a search space (tune_spaces/*.yaml) on Ray Tune",
+    "batch": "many removal requests from a manifest, resumable (Ray tasks; runs under `ray job submit`)",
     "demo": "the main job end to end: prepare, vanilla, evaluate, unlearn (VKD), printing the tables",
 }
 
@@ -26,10 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nerror: unknown stage {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    from pipelines.common import run_main
-
+    set_environment()  # before the stage imports the hub, Ray and MLflow
     module = importlib.import_module(f"pipelines.{argv[0]}")
-    return run_main(module.main, argv[1:])
+    return module.run_main(module.main, argv[1:])
 
 
 if __name__ == "__main__":

@@ -10,19 +10,18 @@ ending with the results tables and how to open the MLflow UI.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 from pipelines.common import parse, parser, resolve_config, run_main
-from pipelines.evaluate import format_table
 from pipelines.tracking import ui_hint
-from pipelines.unlearn import run_unlearn
+from pipelines.unlearn import options, run_unlearn
 from pipelines.vanilla import run_vanilla
+from vkd.cache import digest
 from vkd.data import prepare_benchmark
+from vkd.metrics import format_table
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -33,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = resolve_config(args)
     work = Path(args.workdir)
     settings = dataclasses.asdict(cfg.benchmark)
-    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    tag = digest(settings)
     data = work / f"data-{tag}"
     if not (data / "benchmark.json").is_file():
         start = time.perf_counter()
@@ -55,11 +54,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                "alias vanilla" if version else ""))
     unlearned = work / f"unlearned-{cfg.unlearn.method}-{out.name.split('-', 1)[1]}"
     print(f"\n[4/4 unlearn] {cfg.unlearn.method} on {args.forget}, {cfg.unlearn.steps} steps -> {unlearned}")
-    result = run_unlearn(cfg, str(out), str(data), args.forget, unlearned)
-    print(format_table(result["after"], result["counts"], {"vanilla": result["before"], "unlearned": result["after"]}))
-    print(f"\nunlearned in {result['unlearn_seconds']:.0f} s (statistics pass included); report {unlearned}/report.md")
-    if result.get("version"):
-        print(f"registered model {result['registered_name']} version {result['version']}")
+    r = run_unlearn(options(cfg, out, data, args.forget, unlearned))
+    print(format_table(r.after, r.counts, {"vanilla": r.before, "unlearned": r.after}))
+    print(f"\nunlearned in {r.seconds:.0f} s (statistics pass included); report {unlearned}/report.md")
+    if r.version:
+        print(f"registered model {r.registered_name} version {r.version}")
     print(ui_hint(cfg.mlflow))
 
 

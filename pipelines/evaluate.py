@@ -4,7 +4,7 @@
 
 The items (built in the driver when their shards are small, else streamed through one
 ``read_parquet`` and ``flat_map``) go to an actor pool whose actors each hold one copy of
-the model and run :func:`vkd.eval.score_items`, the same code the in-process evaluation runs.
+the model and run :func:`vkd.scoring.score_items`, the same code the in-process evaluation runs.
 """
 from __future__ import annotations
 
@@ -17,13 +17,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
+import ray
+import torch
 
-from pipelines.common import parse, init_ray, parser, refuse_existing, resolve_config, run_main
-from vkd.config import Config, EvalConfig
-from vkd.data.items import ITEM_COLUMNS, eval_items, eval_plan, expand_eval_row
-from vkd.data.layout import ForgetSet, driver_sized, shards_holding
-from vkd.eval import DIRECTIONS, aggregate, counts
-from vkd.model import resolve_model
+from pipelines.common import parse, parser, refuse_existing, resolve_config, run_main
+from pipelines.runtime import init_ray
+from vkd.cache import Cache, data_fingerprint, digest, model_fingerprint
+from vkd.config import Config, EvalConfig, cache_root
+from vkd.data.items import ITEM_COLUMNS, eval_items, eval_plan, expand_eval_row, reference_images
+from vkd.data.layout import ForgetSet, driver_sized, forget_set, load_meta, shards_holding
+from vkd.metrics import aggregate, counts, format_table
+from vkd.model import ModelAdapter, resolve_model
+from vkd.scoring import Calibration, score_items
+
+Plan = list[tuple[str, str, list[str] | None]]
 
 
 def _plain(value: Any) -> Any:
@@ -60,30 +67,21 @@ class _Expand:
 class ScorerActor:
     """One model copy per actor; scores a batch of items."""
 
-    def __init__(self, model_path: str, data: str, forget: str, cfg: EvalConfig):
-        import torch
-
-        from vkd.data.items import reference_images
-        from vkd.eval import Calibration
-        from vkd.model import ModelAdapter
-
+    def __init__(self, model_path: str, data: str, forget: ForgetSet, cfg: EvalConfig):
         torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.adapter = ModelAdapter.load(model_path)
         self.max_new_tokens = cfg.max_new_tokens
         self.calibration = Calibration(reference_images(data, forget, cfg.references))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from vkd.eval import score_items
-
         items = [{c: _plain(rec[c]) for c in ITEM_COLUMNS} for rec in batch.to_dict("records")]
         for it in items:
             it["image"] = it["image"] if isinstance(it["image"], (bytes, bytearray)) else None
         return pd.DataFrame(score_items(self.adapter, items, self.calibration, self.max_new_tokens))
 
 
-def evaluate_on_ray(model_path: str | Path, data: str | Path, forget: "str | ForgetSet", cfg: EvalConfig,
-                    plan: list[tuple[str, str, list[str] | None]] | None = None,
-                    inline: bool | None = None) -> list[dict]:
+def evaluate_on_ray(model_path: str | Path, data: str | Path, forget: str | ForgetSet, cfg: EvalConfig,
+                    plan: Plan | None = None, inline: bool | None = None) -> list[dict]:
     """Per-item results of the evaluation (``plan``: which splits, roles and entities;
     default :func:`vkd.data.items.eval_plan`), computed by a Ray Data actor pool.
 
@@ -92,9 +90,8 @@ def evaluate_on_ray(model_path: str | Path, data: str | Path, forget: "str | For
     evaluations stream their shards through one ``read_parquet`` over every split. Ray
     Data's file listing and read tasks cost a small evaluation 5-20 s, most of it starting
     their worker processes, and a union of one read per split pays that per split."""
-    import ray
-
-    plan = plan or eval_plan(data, forget, cfg.retain_entities)
+    fs = forget_set(load_meta(data), forget)
+    plan = plan or eval_plan(data, fs, cfg.retain_entities)
     by_split: dict[str, list[tuple[str, list[str] | None]]] = {}
     for split, role, ids in plan:
         by_split.setdefault(split, []).append((role, ids))
@@ -102,13 +99,12 @@ def evaluate_on_ray(model_path: str | Path, data: str | Path, forget: "str | For
                      for p in shards_holding(Path(data), split, _union_ids(parts))})
     if driver_sized(shards) if inline is None else inline:
         items = [{c: it.get(c) for c in ITEM_COLUMNS}
-                 for it in eval_items(data, forget, cfg.max_rows, cfg.generation, cfg.max_open, plan)]
+                 for it in eval_items(data, fs, cfg.max_rows, cfg.generation, cfg.max_open, plan)]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.batch_size)))
     else:
         ds = ray.data.read_parquet([str(p) for p in shards], include_paths=True).flat_map(_Expand(by_split, cfg))
     scored = ds.map_batches(
-        ScorerActor, fn_constructor_kwargs={"model_path": str(model_path), "data": str(data), "forget": forget,
-                                            "cfg": cfg},
+        ScorerActor, fn_constructor_kwargs={"model_path": str(model_path), "data": str(data), "forget": fs, "cfg": cfg},
         batch_size=cfg.batch_size, batch_format="pandas", num_cpus=cfg.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
     )
@@ -122,63 +118,20 @@ def _union_ids(parts: list[tuple[str, list[str] | None]]) -> list[str] | None:
     return sorted({e for _, ids in parts for e in ids})
 
 
-def format_table(metrics: dict[str, float], n: dict[str, int] | None = None,
-                 columns: dict[str, dict[str, float]] | None = None) -> str:
-    """A plain-text table: one row per metric, its direction, and one or more value columns."""
-    columns = columns or {"value": metrics}
-    head = f"{'metric':<22} {'goal':<6}" + "".join(f" {c:>10}" for c in columns) + (f" {'n':>6}" if n else "")
-    lines = [head, "-" * len(head)]
-    for key in sorted(set().union(*[set(c) for c in columns.values()])):
-        vals = "".join(f" {c[key]:>10.3f}" if key in c else f" {'':>10}" for c in columns.values())
-        lines.append(f"{key:<22} {DIRECTIONS.get(key, ''):<6}{vals}" + (f" {n.get(key, 0):>6}" if n else ""))
-    return "\n".join(lines)
-
-
-def model_fingerprint(path: str | Path) -> str:
-    """A cheap content fingerprint of a model folder: config, and each weight file's size
-    with the hash of its first and last MiB."""
-    import hashlib
-
-    path = Path(path)
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        size = f.stat().st_size
-        with f.open("rb") as fh:
-            head = fh.read(2**20)
-            fh.seek(max(0, size - 2**20))
-            h.update(f.name.encode() + str(size).encode() + head + fh.read())
-    return h.hexdigest()[:16]
-
-
-def cached_results(model: str | Path, data: str | Path, forget: "str | ForgetSet", cfg: EvalConfig,
-                   cache: str | Path | None = None) -> list[dict[str, Any]]:
+def cached_results(model: str | Path, data: str | Path, forget: str | ForgetSet, cfg: EvalConfig,
+                   cache: str | Path) -> list[dict[str, Any]]:
     """Every item's score (key, entity, value) for a model that does not change (the
     vanilla model before each unlearning run), evaluated once per model, benchmark, split
-    and evaluation settings and kept under ``$VKD_CACHE/eval``."""
-    import hashlib
-    import os
-
-    from vkd.config import cache_root
-    from vkd.data.layout import forget_set, load_meta
-    from vkd.model import data_fingerprint
-
-    key = forget_set(load_meta(data), forget).key()
-    blob = json.dumps({"model": model_fingerprint(model), "data": data_fingerprint(data), "forget": key,
-                       "eval": asdict(cfg)}, sort_keys=True)
-    root = (Path(cache) if cache else cache_root()) / "eval"
-    path = root / f"items-{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    results = [{k: r[k] for k in ("key", "entity", "value")} for r in evaluate_on_ray(model, data, forget, cfg)]
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(results))
-    tmp.rename(path)
-    return results
+    and evaluation settings and kept in the cache's ``eval``."""
+    key = digest({"model": model_fingerprint(model), "data": data_fingerprint(data),
+                  "forget": forget_set(load_meta(data), forget).key(), "eval": asdict(cfg)})
+    return Cache(cache, "eval", ".json").json(
+        f"items-{key}", lambda: [{k: r[k] for k in ("key", "entity", "value")}
+                                 for r in evaluate_on_ray(model, data, forget, cfg)])
 
 
-def cached_evaluation(model: str | Path, data: str | Path, forget: "str | ForgetSet", cfg: EvalConfig,
-                      cache: str | Path | None = None) -> tuple[dict[str, float], dict[str, int]]:
+def cached_evaluation(model: str | Path, data: str | Path, forget: str | ForgetSet, cfg: EvalConfig,
+                      cache: str | Path) -> tuple[dict[str, float], dict[str, int]]:
     """The metrics and item counts of ``cached_results``."""
     results = cached_results(model, data, forget, cfg, cache)
     return aggregate(results), counts(results)
@@ -186,8 +139,8 @@ def cached_evaluation(model: str | Path, data: str | Path, forget: "str | Forget
 
 def run_evaluation(cfg: Config, model: str, data: str, forget: str) -> tuple[dict[str, float], dict[str, int], float]:
     eval_plan(data, forget)
-    path = resolve_model(model, cfg.model, data)
-    init_ray(cfg)
+    path = resolve_model(model, cfg.model, data, cache_root())
+    init_ray(cfg.ray.num_cpus)
     start = time.perf_counter()
     results = evaluate_on_ray(path, data, forget, cfg.eval)
     return aggregate(results), counts(results), time.perf_counter() - start

@@ -21,13 +21,17 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipelines.common import init_ray, parse, parser, refuse_existing, resolve_config, run_main
-from pipelines.evaluate import evaluate_on_ray, format_table
+import mlflow
+
+from pipelines.common import parse, parser, refuse_existing, resolve_config, run_main
+from pipelines.evaluate import evaluate_on_ray
+from pipelines.runtime import init_ray
 from pipelines.tracking import stage_run
-from pipelines.trainer import RowPlan, TrainJob, run_training, train_dataset
-from vkd.config import Config, ConfigError
+from pipelines.train import TrainJob, run_training, train_dataset
+from vkd.config import Config, ConfigError, cache_root
 from vkd.data.layout import TEST_SPLIT, load_meta
-from vkd.eval import aggregate
+from vkd.data.streams import RowPlan
+from vkd.metrics import aggregate, format_table
 from vkd.model import resolve_model
 
 
@@ -47,14 +51,14 @@ def attack_split(ids: Sequence[str], fraction: float, seed: int) -> tuple[list[s
 def run_relearn(cfg: Config, model: str | Path, data: str | Path, forget: str) -> dict[str, Any]:
     """Attack ``model``; returns the figures written to metrics.json."""
     meta = load_meta(data)
-    path = resolve_model(str(model), cfg.model, data)
+    path = resolve_model(str(model), cfg.model, data, cache_root())
     r = cfg.relearn
     if r.steps < 1:
         raise ConfigError(f"relearn.steps must be at least 1, got {r.steps}")
     attack, held_out = attack_split(meta.entity_ids(forget), r.fraction, cfg.unlearn.seed)
     plan = [(forget, "forget", held_out), (TEST_SPLIT, "test", held_out)]
     ecfg = dataclasses.replace(cfg.eval, generation=False)
-    init_ray(cfg)
+    init_ray(cfg.ray.num_cpus)
     tcfg = dataclasses.replace(cfg.train, lr=r.lr, batch_size=r.batch_size, max_steps=r.steps, align_steps=0,
                                warmup_steps=min(cfg.train.warmup_steps, max(1, r.steps // 10)),
                                checkpoint_every=r.steps, grad_accum=1, trainable="all")
@@ -62,8 +66,6 @@ def run_relearn(cfg: Config, model: str | Path, data: str | Path, forget: str) -
     try:
         with stage_run(cfg, "relearn", {"benchmark": meta.name, "forget": forget, "model": str(path),
                                          "attack_entities": ",".join(attack)}) as run:
-            import mlflow
-
             before = aggregate(evaluate_on_ray(path, data, forget, ecfg, plan))
             start = time.perf_counter()
             job = TrainJob(model_path=str(path), out_dir=str(work / "relearned"), cfg=tcfg, total_steps=r.steps,

@@ -1,23 +1,39 @@
 """MLflow: every stage run is an MLflow run; models are logged and registered with aliases.
 
-Tracking URI: ``MLFLOW_TRACKING_URI`` when set (a server), else a SQLite file in the working
-folder. The experiment is created here, with an explicit artifact location, so Ray workers
+Tracking URI: the config's ``mlflow.uri``, else ``MLFLOW_TRACKING_URI`` when set (a server),
+else a SQLite file in the working folder. The experiment is created here, with an explicit artifact location, so Ray workers
 never have to create it.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from vkd.config import Config, TrackingConfig, cache_root, flatten
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from vkd.cache import Cache
+from vkd.config import Config, TrackingConfig, flatten
+from vkd.model import ModelError
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.sqlite_file).resolve()}"
+    """``mlflow.uri``, else MLFLOW_TRACKING_URI, else the SQLite file."""
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.sqlite_file).resolve()}"
+
+
+def resolved(cfg: Config) -> Config:
+    """``cfg`` with its tracking URI written in and its file paths absolute: what a Ray task,
+    trial or job elsewhere needs to record where this process would."""
+    out = cfg.updated([])
+    out.mlflow.uri = tracking_uri(cfg.mlflow)
+    out.mlflow.sqlite_file = str(Path(cfg.mlflow.sqlite_file).resolve())
+    out.mlflow.artifact_dir = str(Path(cfg.mlflow.artifact_dir).resolve())
+    return out
 
 
 def ui_hint(cfg: TrackingConfig) -> str:
@@ -30,14 +46,12 @@ def ui_hint(cfg: TrackingConfig) -> str:
 
 
 def experiment_id(cfg: TrackingConfig) -> str:
-    import mlflow
-
     mlflow.set_tracking_uri(tracking_uri(cfg))
     found = mlflow.get_experiment_by_name(cfg.experiment)
     if found is not None:
         return found.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if tracking_uri(cfg).startswith("sqlite:"):
         location = Path(cfg.artifact_dir).resolve().as_uri()
     try:
         return mlflow.create_experiment(cfg.experiment, artifact_location=location)
@@ -60,8 +74,6 @@ def stage_run(cfg: Config, stage: str, tags: dict[str, str], run_name: str | Non
     """An MLflow run holding the resolved config as params and the standard tags (``run_id``:
     go on in that run, a tune trial resumed from a rung). A Tune scheduler that stops the
     trial inside it (SystemExit) leaves the run KILLED, not FAILED."""
-    import mlflow
-
     all_tags = {"stage": stage, "config_hash": cfg.hash(), "git_sha": git_sha(), **tags}
     where = {"run_id": run_id} if run_id else {"experiment_id": experiment_id(cfg.mlflow), "run_name": run_name or stage}
     with mlflow.start_run(tags=all_tags, **where) as run:
@@ -76,8 +88,6 @@ def stage_run(cfg: Config, stage: str, tags: dict[str, str], run_name: str | Non
 def log_model(run_id: str, folder: str | Path, name: str, aliases: list[str], register: bool) -> int | None:
     """Log a Hugging Face folder as the run's ``model`` artifact; register it as a new
     version of ``name`` and point ``aliases`` at it. Returns the version."""
-    from mlflow.tracking import MlflowClient
-
     MlflowClient().log_artifacts(run_id, str(folder), artifact_path="model")
     if not register:
         return None
@@ -89,9 +99,6 @@ def register_version(run_id: str, name: str, aliases: list[str], tags: dict[str,
     """Register the run's ``model`` artifact as a version of ``name`` with ``aliases``.
     With ``unique_tag`` (a key of ``tags``), a version that already carries that tag value
     is reused, so a retried request never registers twice."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient()
     tags = {"run_id": run_id, **(tags or {})}
     try:
@@ -111,15 +118,9 @@ def register_version(run_id: str, name: str, aliases: list[str], tags: dict[str,
     return int(version.version)
 
 
-def registered_model(spec: str, cfg: TrackingConfig) -> Path:
+def registered_model(spec: str, cfg: TrackingConfig, cache: str | Path) -> Path:
     """A registered model (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``) as a local
-    Hugging Face folder, downloaded once into ``$VKD_CACHE/models``."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from vkd.model import ModelError
-
+    Hugging Face folder, downloaded once into the cache's ``models``."""
     ref = spec[len("models:/"):]
     client = MlflowClient(tracking_uri(cfg))
     try:
@@ -132,14 +133,14 @@ def registered_model(spec: str, cfg: TrackingConfig) -> Path:
     except (MlflowException, ValueError) as err:
         raise ModelError(f"model {spec}: not in the registry at {tracking_uri(cfg)} ({str(err)[:200]}); "
                          "give a registered NAME@ALIAS or NAME/VERSION, or a model folder") from None
-    target = cache_root() / "models" / f"{name}-v{version.version}"
-    if not (target / "config.json").is_file():
-        tmp = target.with_name(f".{target.name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+
+    def download(tmp: Path) -> None:
+        tmp.mkdir()
         mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp),
                                             tracking_uri=tracking_uri(cfg))
         inner = tmp / Path(version.source).name
-        (inner if (inner / "config.json").is_file() else tmp).rename(target)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        if (inner / "config.json").is_file():  # the folder itself, not the one holding it
+            for item in inner.iterdir():
+                item.rename(tmp / item.name)
+            inner.rmdir()
+    return Cache(cache, "models").get_or_make(f"{name}-v{version.version}", download)

@@ -12,13 +12,19 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipelines.common import init_ray, parse, parser, refuse_existing, resolve_config, run_main
-from pipelines.evaluate import cached_evaluation, format_table
+import mlflow
+
+from pipelines.common import parse, parser, refuse_existing, resolve_config, run_main
+from pipelines.evaluate import cached_evaluation
+from pipelines.runtime import init_ray
 from pipelines.tracking import log_model, stage_run, tracking_uri
-from pipelines.trainer import TrainJob, run_training, steps_for, train_datasets
-from vkd.config import Config
+from pipelines.train import Tracking, TrainJob, run_training, train_datasets
+from vkd.config import Config, cache_root
 from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows
+from vkd.methods import FineTune, FineTuneConfig
+from vkd.metrics import format_table
 from vkd.model import resolve_model
+from vkd.train import steps_for
 
 
 def count_train_items(data: str | Path, turns: int) -> int:
@@ -32,17 +38,17 @@ def run_vanilla(cfg: Config, data: str | Path, out: str | Path, model: str = "ti
     log the run to MLflow and register the model. Returns the run's figures."""
     out = refuse_existing(out, overwrite=False)
     meta = load_meta(data)
-    base = resolve_model(model, cfg.model, data)
+    cache = cache_root()
+    base = resolve_model(model, cfg.model, data, cache)
     n_items = count_train_items(data, cfg.train.turns)
     total = steps_for(n_items, cfg.train)
-    init_ray(cfg)
+    init_ray(cfg.ray.num_cpus)
     tags = {"benchmark": meta.name, "entities": str(len(meta.entities)), "data": str(Path(data).resolve())}
     figures: dict[str, Any] = {"model": str(out), "steps": total, "items": n_items}
     with stage_run(cfg, "vanilla", tags) as run:
-        import mlflow
-
         job = TrainJob(model_path=str(base), out_dir=str(out.resolve()), cfg=cfg.train, total_steps=total,
-                       mlflow={"tracking_uri": tracking_uri(cfg.mlflow), "run_id": run.info.run_id}, name="vanilla")
+                       method=FineTune(FineTuneConfig(trainable=cfg.train.trainable)),
+                       tracking=Tracking(tracking_uri(cfg.mlflow), run.info.run_id), name="vanilla")
         start = time.perf_counter()
         run_training(job, train_datasets(data, str(base), cfg.train), storage=out.parent / ".ray_train")
         figures["train_seconds"] = time.perf_counter() - start
@@ -51,7 +57,7 @@ def run_vanilla(cfg: Config, data: str | Path, out: str | Path, model: str = "ti
         print(f"trained {total} steps on {n_items} sequences in {figures['train_seconds']:.0f} s -> {out}")
         if evaluate:
             # cached: an unlearning run from this model finds its "before" evaluation done
-            figures["metrics"], figures["counts"] = cached_evaluation(out, data, forget, cfg.eval)
+            figures["metrics"], figures["counts"] = cached_evaluation(out, data, forget, cfg.eval, cache)
             mlflow.log_metrics({f"eval/{k}": v for k, v in figures["metrics"].items()})
             (out / "metrics.json").write_text(json.dumps(figures["metrics"], indent=1, sort_keys=True))
         name = f"vkd-{meta.name}-vanilla"

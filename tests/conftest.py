@@ -1,21 +1,20 @@
 """Session fixtures: a small synthetic benchmark, the tiny model built on it, a local Ray."""
 from __future__ import annotations
 
-import os
+from pipelines.runtime import set_environment
 
-for key, value in {
-    "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "DS_ACCELERATOR": "cpu",
-    "TOKENIZERS_PARALLELISM": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-}.items():
-    os.environ.setdefault(key, value)
+set_environment()  # the stages' variables, before anything imports the hub, Ray or MLflow
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import ray.cloudpickle  # noqa: E402
 
+import tests.faults  # noqa: E402
 from vkd.config import ModelConfig, load_config  # noqa: E402
+
+# Ray's workers cannot import the tests: the faults they inject travel by value
+ray.cloudpickle.register_pickle_by_value(tests.faults)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(entities=12, seed=7, image_size=32, train_images=3, test_images=2, mc_variants=2, render_scale=2)
@@ -60,8 +59,8 @@ def demo_config():
 def ray_local():
     import ray
 
-    from pipelines.common import init_ray
+    from pipelines.runtime import init_ray
 
-    init_ray(load_config(None))
+    init_ray(load_config(None).ray.num_cpus)
     yield ray
     ray.shutdown()

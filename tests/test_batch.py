@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from pipelines.common import free_port
+from pipelines.runtime import free_port
 from tests.conftest import ROOT, SMALL_MODEL
 from vkd.batch import check_result, load_manifest
 from vkd.config import ConfigError
@@ -48,7 +48,7 @@ def test_the_shipped_demo_manifest_is_valid(tmp_path):
     (lambda m: m["requests"][0].update(colour="red"), "request 'one'): unknown field colour"),
     (lambda m: m["requests"][1].update(id="one"), "id 'one' is used twice"),
     (lambda m: m["requests"][0].update(method="nope"), "unknown unlearning method 'nope'; registered:"),
-    (lambda m: m["requests"][0].update(overrides={"unlearn.beta": "high"}), "unlearn.beta: expected a number"),
+    (lambda m: m["requests"][0].update(overrides={"unlearn.vkd.beta": "high"}), "unlearn.vkd.beta: expected a number"),
     (lambda m: m["requests"][0].update(accept={"forget_vqa_below": 0.3}), "threshold 'forget_vqa_below'"),
     (lambda m: m.update(mode="parallel"), "mode 'parallel'"),
     (lambda m: m.update(priority=1), "unknown field priority"),
@@ -63,7 +63,7 @@ def test_a_bad_manifest_fails_before_any_work_naming_the_request(small_data, tin
 
 def test_a_csv_manifest_names_the_line(small_data, tiny_path, tmp_path):
     good = _write(tmp_path / "m.csv", "id,entities,method,overrides,accept\n"
-                  "a,0001;0002,vkd,unlearn.beta=3,forget_vqa_max=0.4\nb,0003,,,\n")
+                  "a,0001;0002,vkd,unlearn.vkd.beta=3,forget_vqa_max=0.4\nb,0003,,,\n")
     m = load_manifest(good, model=str(tiny_path), data=str(small_data))
     assert [r.entities for r in m.requests] == [["0001", "0002"], ["0003"]] and m.requests[0].accept == {"forget_vqa_max": 0.4}
     bad = _write(tmp_path / "bad.csv", "id,entities\na,0001\nb,9999\n")
@@ -85,6 +85,7 @@ def test_thresholds_accept_and_reject_with_reasons():
     assert len(reasons) == 2 and "forget_vqa 0.500 > max 0.35" in reasons[0] and "min_ratio 0.95" in reasons[1]
 
 
+@pytest.mark.slow
 def test_ray_job_submit_stop_and_resubmit_does_each_request_once(small_data, tiny_path, tmp_path):
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient

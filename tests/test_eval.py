@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from vkd.data.items import MC_KEYS, eval_items, reference_images
-from vkd.eval import DIRECTIONS, aggregate, cloze_correct, evaluate_items, rouge_l
+from vkd.data.items import eval_items, reference_images
+from vkd.metrics import DIRECTIONS, MC_KEYS, aggregate, cloze_correct, rouge_l
+from vkd.scoring import evaluate_items
 
 
 def test_rouge_l_and_cloze():
@@ -48,7 +49,7 @@ def test_shared_prompt_scores_equal_one_sequence_per_option(small_data, tiny, mo
 
     import torch
 
-    from vkd.eval import _options_logp, item_images
+    from vkd.scoring import _options_logp, item_images
 
     items = eval_items(small_data, "forget_15", limit=2, generation=False)
     for has_image in (True, False):
@@ -67,6 +68,7 @@ def test_shared_prompt_scores_equal_one_sequence_per_option(small_data, tiny, mo
         assert torch.allclose(shared, full, rtol=0, atol=1e-4), (shared - full).abs().max()
 
 
+@pytest.mark.slow
 def test_ray_data_gives_the_in_process_numbers(small_data, tiny, tiny_path, ray_local):
     from pipelines.evaluate import evaluate_on_ray
     from vkd.config import EvalConfig
@@ -106,6 +108,7 @@ def test_one_read_of_a_split_gives_each_row_the_items_of_its_own_role(small_data
     assert only_first({**rows[ids[1]], "path": str(shard)}) == [], "an entity the plan does not name"
 
 
+@pytest.mark.slow
 def test_untrained_model_is_at_chance_on_the_demo_benchmark(demo_config, tmp_path_factory):
     """The demo benchmark's multiple choice cannot be guessed: an untrained tiny model of the
     demo's size scores 0.25 +- 0.08 on every multiple-choice key."""
@@ -118,7 +121,7 @@ def test_untrained_model_is_at_chance_on_the_demo_benchmark(demo_config, tmp_pat
     data = tmp_path_factory.mktemp("demo") / "data"
     settings = {**dataclasses.asdict(demo_config.benchmark), "train_images": 2}  # training pictures play no part
     prepare_benchmark(settings.pop("kind"), data, **settings)
-    adapter = ModelAdapter.load(resolve_model("tiny", demo_config.model, data, cache=tmp_path_factory.mktemp("m")))
+    adapter = ModelAdapter.load(resolve_model("tiny", demo_config.model, data, tmp_path_factory.mktemp("m")))
     retain_sample = set(load_meta(data).splits["retain_90"][:15])  # the retain keys hold many entities
     items = [it for it in eval_items(data, "forget_10", limit=30, generation=False)  # 30 of 60 per row, spread
              if not it["key"].startswith("retain") or it["entity"] in retain_sample]
@@ -129,6 +132,7 @@ def test_untrained_model_is_at_chance_on_the_demo_benchmark(demo_config, tmp_pat
         assert abs(metrics[key] - 0.25) <= 0.08, (key, metrics)
 
 
+@pytest.mark.slow
 def test_cli_evaluate_writes_metrics_and_refuses_to_overwrite(small_data, tiny_path, tmp_path):
     out = tmp_path / "metrics.json"
     cmd = [sys.executable, "-m", "pipelines.evaluate", "--model", str(tiny_path), "--data", str(small_data),
@@ -166,12 +170,14 @@ def test_a_rung_of_a_visual_only_run_scores_what_a_full_rung_scores(small_data, 
 
     import torch
 
-    from pipelines.trainer import Probe
     from vkd.config import EvalConfig
+    from vkd.data.layout import forget_set, load_meta
     from vkd.model import ModelAdapter
+    from vkd.probe import Probe, ProbeSpec
 
-    spec = {"data": str(small_data), "forget": "forget_10", "start_model": str(tiny_path), "before": {},
-            "eval": dataclasses.asdict(EvalConfig(generation=False, retain_entities=4, max_rows=4, references=3))}
+    spec = ProbeSpec(data=str(small_data), forget=forget_set(load_meta(small_data), "forget_10"),
+                     eval=EvalConfig(generation=False, retain_entities=4, max_rows=4, references=3),
+                     start_model=str(tiny_path), before={}, at=[])
     full, fixed = Probe(spec), Probe(spec, text_fixed=True)
     assert len(fixed.rung_items) < len(full.sample) and all(it["image"] is not None for it in fixed.rung_items)
     changed = ModelAdapter.load(tiny_path)

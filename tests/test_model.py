@@ -38,7 +38,7 @@ def test_parameter_groups_partition_the_model(tiny):
 
 def test_image_features_are_the_tokens_the_llm_sees(tiny, small_data):
     from vkd.data.items import eval_items
-    from vkd.eval import item_images
+    from vkd.scoring import item_images
 
     items = [it for it in eval_items(small_data, "forget_15") if it["image"] is not None][:3]
     ids, extra = tiny.prompt_inputs([it["question"] for it in items], item_images(items))
@@ -74,7 +74,7 @@ def test_unsupported_and_missing_models_are_clear_errors(tmp_path, small_data):
     with pytest.raises(ModelError, match="model type 'bert' is not supported; supported types: llava"):
         family_for("bert")
     with pytest.raises(ModelError, match="no config.json"):
-        resolve_model(tmp_path / "nothing", SMALL_MODEL, small_data)
+        resolve_model(tmp_path / "nothing", SMALL_MODEL, small_data, tmp_path)
     with pytest.raises(ModelError, match="no config.json"):
         ModelAdapter.load(tmp_path)
     assert set(FAMILIES.names()) == {"llava", "qwen2_vl"}

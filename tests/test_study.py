@@ -19,19 +19,19 @@ def test_every_shipped_space_loads(path):
 def test_the_thresholds_grid_has_twelve_trials():
     space = load_space(ROOT / "tune_spaces" / "thresholds_grid.yaml")
     assert space.grid_size() == 12 and len(space.grid_points()) == 12
-    assert {"unlearn.d_i", "unlearn.d_f"} == set(space.parameters)
+    assert {"unlearn.vkd.d_i", "unlearn.vkd.d_f"} == set(space.parameters)
 
 
 @pytest.mark.parametrize("body, message", [
     ("parameters: {unlearn.betta: {grid: [1.0]}}", "unknown field unlearn.betta"),
-    ("parameters: {unlearn.beta: {grid: [high]}}", "unlearn.beta: expected a number"),
-    ("parameters: {unlearn.beta: {normal: [0, 1]}}", "parameters.unlearn.beta: give exactly one of"),
+    ("parameters: {unlearn.vkd.beta: {grid: [high]}}", "unlearn.vkd.beta: expected a number"),
+    ("parameters: {unlearn.vkd.beta: {normal: [0, 1]}}", "parameters.unlearn.vkd.beta: give exactly one of"),
     ("search: random\nparameters: {unlearn.lr: {uniform: [2.0e-3, 1.0e-3]}}", "low < high"),
-    ("search: optuna\nparameters: {unlearn.d_f: {grid: [0.1]}}", "use choice"),
-    ("scheduler: hyperband\nparameters: {unlearn.beta: {grid: [1.0]}}", "scheduler: 'hyperband'"),
-    ("trials: 0\nparameters: {unlearn.beta: {grid: [1.0]}}", "trials: must be a positive integer"),
-    ("sampler: tpe\nparameters: {unlearn.beta: {grid: [1.0]}}", "unknown field sampler"),
-    ("parameters: {unlearn.beta: {grid: [1.0]}}\nfixed: {unlearn.steps: many}", "fixed.unlearn.steps"),
+    ("search: optuna\nparameters: {unlearn.vkd.d_f: {grid: [0.1]}}", "use choice"),
+    ("scheduler: hyperband\nparameters: {unlearn.vkd.beta: {grid: [1.0]}}", "scheduler: 'hyperband'"),
+    ("trials: 0\nparameters: {unlearn.vkd.beta: {grid: [1.0]}}", "trials: must be a positive integer"),
+    ("sampler: tpe\nparameters: {unlearn.vkd.beta: {grid: [1.0]}}", "unknown field sampler"),
+    ("parameters: {unlearn.vkd.beta: {grid: [1.0]}}\nfixed: {unlearn.steps: many}", "fixed.unlearn.steps"),
 ])
 def test_a_bad_space_names_the_field(tmp_path, body, message):
     path = tmp_path / "bad.yaml"
@@ -63,17 +63,18 @@ def test_the_pareto_front_keeps_only_undominated_trials():
 def test_a_study_leaves_its_table_and_plots(tmp_path):
     import csv
 
-    from vkd.study import write_outputs
+    from vkd.study_plots import write_outputs
 
     space = load_space(ROOT / "tune_spaces" / "thresholds_grid.yaml")
     rows = []
     for i, (d_i, d_f) in enumerate((a, b) for a in (0.0, 0.02) for b in (0.1, 0.3)):
         f, p = 0.2 + 0.3 * d_f + 5 * d_i, 1.0 - d_f / 2
-        rows.append({"trial": f"t{i}", "status": "finished", "unlearn.d_i": d_i, "unlearn.d_f": d_f,
+        rows.append({"trial": f"t{i}", "status": "finished", "unlearn.vkd.d_i": d_i, "unlearn.vkd.d_f": d_f,
                      "objective": (f + p) / 2, "forgetting": f, "preservation": p, "forget_vqa": 0.8 - f / 2,
                      "test_vqa": 0.8, "forget_qa": 0.9, "retain_vqa": 0.9 * p, "retain_qa": 0.9, "reports": 2,
                      "seconds": 10.0})
-    rows.append({"trial": "t9", "status": "stopped early", "unlearn.d_i": 0.0007, "unlearn.d_f": 0.5, "reports": 1})
+    rows.append({"trial": "t9", "status": "stopped early", "unlearn.vkd.d_i": 0.0007, "unlearn.vkd.d_f": 0.5,
+                 "reports": 1})
     paths = write_outputs(tmp_path, space, rows)
     assert {p.name for p in paths} == {"trials.csv", "trials.md", "sensitivity.png", "heatmaps.png", "pareto.png"}
     table = list(csv.DictReader((tmp_path / "trials.csv").open()))

@@ -144,7 +144,7 @@ def test_missing_column_and_corrupt_image_are_named(small_data, tmp_path):
     rows[1]["image"] = {"bytes": b"not a png at all"}
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), shard)
     items = eval_items(bad, "forget_10")
-    from vkd.eval import item_images
+    from vkd.scoring import item_images
 
     broken = [it for it in items if it["image"] == b"not a png at all"]
     with pytest.raises(BenchmarkError, match=r"part-00000.parquet, row 1: corrupt image bytes"):

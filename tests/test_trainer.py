@@ -13,16 +13,22 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
-from pipelines.common import free_port
+from pipelines.runtime import free_port
+from pipelines.train import Rungs, TrainJob, run_training, train_dataset, train_datasets
 from tests.conftest import ROOT, SMALL_MODEL
+from tests.faults import DieOnce
+from vkd.cache import DIGEST_CHARS
 from vkd.config import TrainConfig
-from vkd.data.items import expand_train_row
 from vkd.data import layout
+from vkd.data.items import expand_train_row
 from vkd.data.layout import TRAIN_SPLIT, read_rows
+from vkd.data.streams import RowPlan
+from vkd.methods import FineTune, FineTuneConfig
 from vkd.model import ModelAdapter
-from vkd.train import Tokenize, lm_loss, model_inputs
+from vkd.train import Tokenize, items_drawn, lm_loss, model_inputs
 
 SMALL_TRAIN = TrainConfig(workers=2, cpus_per_worker=1, zero_stage=2, batch_size=8, lr=3e-3, warmup_steps=5,
                           max_steps=30, checkpoint_every=10, log_every=5, max_length=96, align_steps=5)
@@ -38,13 +44,13 @@ def _mean_loss(path: Path, data: Path) -> float:
 
 
 def _train(small_data, tiny_path, out: Path, **job_fields):
-    from pipelines.trainer import TrainJob, run_training, train_datasets
-
     cfg = job_fields.pop("cfg", SMALL_TRAIN)
-    job = TrainJob(model_path=str(tiny_path), out_dir=str(out), cfg=cfg, total_steps=cfg.max_steps, **job_fields)
+    job = TrainJob(model_path=str(tiny_path), out_dir=str(out), cfg=cfg, total_steps=cfg.max_steps,
+                   method=FineTune(FineTuneConfig(trainable=cfg.trainable)), **job_fields)
     return run_training(job, train_datasets(small_data, str(tiny_path), cfg), storage=out.parent / "ray")
 
 
+@pytest.mark.slow
 def test_the_embedded_ray_tells_its_processes_its_own_address(ray_local):
     """Ray Train's placement-group cleaner asks the cluster at RAY_ADDRESS (else the last
     `ray start` in /tmp/ray) whether the controller lives: the embedded Ray must name itself."""
@@ -54,7 +60,7 @@ def test_the_embedded_ray_tells_its_processes_its_own_address(ray_local):
 
 
 def test_a_single_worker_runs_zero_stage_0_and_several_keep_theirs():
-    from pipelines.trainer import engine_config
+    from vkd.train import engine_config
 
     assert engine_config(SMALL_TRAIN, 1).zero_stage == 0 and SMALL_TRAIN.zero_stage == 2
     assert engine_config(SMALL_TRAIN, 2).zero_stage == 2
@@ -62,7 +68,7 @@ def test_a_single_worker_runs_zero_stage_0_and_several_keep_theirs():
 
 
 def test_streams_read_ahead_keep_their_order_start_side_by_side_and_pass_errors_on():
-    from pipelines.trainer import Ahead
+    from vkd.data.streams import Ahead
 
     def slow(tag: str, n: int, fail: bool = False):
         time.sleep(0.5)  # a stream's start
@@ -96,39 +102,39 @@ def test_streams_read_ahead_keep_their_order_start_side_by_side_and_pass_errors_
     assert not c._thread.is_alive()  # closing stops a producer of an endless stream
 
 
+@pytest.mark.slow
 def test_a_small_stream_read_in_the_driver_holds_what_the_streamed_read_holds(small_data, tiny_path, ray_local,
                                                                               monkeypatch):
-    from pipelines import trainer
     from vkd.data.layout import load_meta
 
     meta = load_meta(small_data)
-    plan = trainer.RowPlan(ids=frozenset(meta.entity_ids("forget_10")), image_only=True, seed=3)
+    plan = RowPlan(ids=frozenset(meta.entity_ids("forget_10")), image_only=True, seed=3)
 
     def content(ds) -> list[tuple]:
         rows = ds.take_all()
         return sorted((tuple(r["input_ids"].tolist()), tuple(r["labels"].tolist())) for r in rows)
 
-    inline = trainer.train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan)
+    inline = train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan)
     monkeypatch.setattr(layout, "INLINE_BYTES", 0)
-    streamed = trainer.train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan)
+    streamed = train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan)
     assert "RandomShuffle" not in str(inline) and "RandomShuffle" in str(streamed)
     got = content(inline)
     assert got and got == content(streamed)
-    assert trainer.train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan, items=7).count() == 7
+    assert train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan, items=7).count() == 7
 
 
+@pytest.mark.slow
 def test_a_stream_that_stops_at_what_its_run_draws_comes_shuffled_as_sequences(small_data, tiny_path, ray_local):
     """An unlearning's stream (``items``) holds exactly ``items`` sequences, pass after pass
     (each pass every sequence once, in a new order), so its consumer needs no shuffle buffer."""
-    from pipelines import trainer
     from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows
 
     meta = load_meta(small_data)
-    plan = trainer.RowPlan(ids=frozenset(meta.entity_ids("forget_10")), image_only=True, seed=3)
+    plan = RowPlan(ids=frozenset(meta.entity_ids("forget_10")), image_only=True, seed=3)
     one_pass = [s for r in read_rows(small_data, TRAIN_SPLIT, plan.ids) if plan.keep(r) for s in plan.sequences(r)]
     n = len(one_pass)
     assert n > 8
-    ds = trainer.train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan, items=2 * n + 5)
+    ds = train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan, items=2 * n + 5)
     assert "FlatMap" not in str(ds) and "RandomShuffle" not in str(ds)
     rows = ds.take_all()
     assert len(rows) == 2 * n + 5
@@ -137,7 +143,7 @@ def test_a_stream_that_stops_at_what_its_run_draws_comes_shuffled_as_sequences(s
     assert sorted(first) == sorted(second) and len(set(first)) == len(set(map(tuple, first)))
     assert first != second  # each pass in its own order
     plain = sorted((tuple(r["input_ids"].tolist()), tuple(r["labels"].tolist()))
-                   for r in trainer.train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan).take_all())
+                   for r in train_dataset(small_data, str(tiny_path), SMALL_TRAIN, plan).take_all())
     assert sorted(first) == plain
     # the sequences of one picture are spread, not side by side as its row gives them
     keys = [int(r["image_key"]) for r in rows[:n]]
@@ -146,6 +152,7 @@ def test_a_stream_that_stops_at_what_its_run_draws_comes_shuffled_as_sequences(s
     assert pictures < n and side_by_side < (n - pictures) / 2
 
 
+@pytest.mark.slow
 def test_local_mode_trains_what_one_ray_train_worker_trains(small_data, tiny_path, tmp_path, ray_local):
     """A one-worker tune trial trains in its own process (local mode); `vkd unlearn --config
     best.yaml` reruns it on a Ray Train worker: both must give the same weights."""
@@ -167,6 +174,7 @@ def test_local_mode_trains_what_one_ray_train_worker_trains(small_data, tiny_pat
     assert "LOCAL_RANK" not in os.environ and not list(tmp_path.glob(".checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_a_run_resumed_from_a_rung_trains_what_an_uninterrupted_run_trains(small_data, tiny_path, tmp_path, ray_local,
                                                                           monkeypatch):
     """Promotion ASHA stops a tune trial at a rung and may resume it later from the state it
@@ -174,15 +182,13 @@ def test_a_run_resumed_from_a_rung_trains_what_an_uninterrupted_run_trains(small
     stream starts mid-way (read in the driver) or passes over what it drew (streamed)."""
     from safetensors.torch import load_file
 
-    from pipelines.trainer import TrainJob, items_drawn, run_training, train_dataset
-
     cfg = dataclasses.replace(SMALL_TRAIN, workers=1, max_steps=8, checkpoint_every=8, align_steps=0, shuffle_buffer=0)
     start = load_file(tiny_path / "model.safetensors")
 
-    def run(out: str, rungs: str, skip: int = 0, **fields):
+    def run(out: str, rungs: str, skip: int = 0, save_at=(), resume: int = 0, **fields):
         ds = {"train": train_dataset(small_data, str(tiny_path), cfg, items=items_drawn(cfg, 8), skip=skip)}
         job = TrainJob(model_path=str(tiny_path), out_dir=str(tmp_path / out), cfg=cfg, total_steps=8, local=True,
-                       rung_dir=str(tmp_path / rungs), **fields)
+                       rungs=Rungs(str(tmp_path / rungs), list(save_at), resume), **fields)
         return run_training(job, ds, storage=tmp_path / "ray"), load_file(tmp_path / out / "model.safetensors")
 
     def same(a, b):
@@ -191,24 +197,23 @@ def test_a_run_resumed_from_a_rung_trains_what_an_uninterrupted_run_trains(small
     _, straight = run("straight", "inline", save_at=[3, 5])
     assert json.loads((tmp_path / "inline" / "5" / "state.json").read_text()) == {"step": 5}
     assert sorted(p.name for p in (tmp_path / "inline").iterdir()) == ["3", "5"], "one whole folder per rung"
-    result, resumed = run("resumed", "inline", skip=5 * cfg.batch_size, resume_dir=str(tmp_path / "inline" / "5"))
+    result, resumed = run("resumed", "inline", skip=5 * cfg.batch_size, resume=5)
     assert result.metrics["resumed_from"] == 5 and result.metrics["step"] == 8
     assert any(not torch.equal(straight[k], start[k]) for k in straight), "the run trained nothing"
     assert same(straight, resumed), [k for k in straight if not torch.allclose(straight[k], resumed[k])]
 
     monkeypatch.setattr(layout, "INLINE_BYTES", 0)  # streamed from its shards: no cutting it short
     _, straight = run("straight-streamed", "streamed", save_at=[5])
-    result, resumed = run("resumed-streamed", "streamed", discard={"train": 5 * cfg.batch_size},
-                          resume_dir=str(tmp_path / "streamed" / "5"))
+    result, resumed = run("resumed-streamed", "streamed", discard={"train": 5 * cfg.batch_size}, resume=5)
     assert result.metrics["resumed_from"] == 5
     assert same(straight, resumed), [k for k in straight if not torch.allclose(straight[k], resumed[k])]
 
 
+@pytest.mark.slow
 def test_a_two_worker_zero2_run_resumes_a_dead_worker_from_its_checkpoint_and_lowers_the_loss(
         small_data, tiny_path, tmp_path, ray_local):
     marker = tmp_path / "fault.txt"
-    result = _train(small_data, tiny_path, tmp_path / "resumed", name="fault", fault_at_step=15,
-                    fault_marker=str(marker))
+    result = _train(small_data, tiny_path, tmp_path / "resumed", name="fault", callbacks=[DieOnce(15, str(marker))])
     assert marker.read_text() == "15", "the fault hook fired"
     assert result.metrics["step"] == SMALL_TRAIN.max_steps
     assert result.metrics["resumed_from"] == 10, "restarted from the step-10 checkpoint, not from scratch"
@@ -243,7 +248,7 @@ def _check_run(client, name: str, version: int, entities: int) -> None:
     mv = client.get_model_version(name, str(version))
     run = client.get_run(mv.run_id)
     assert run.data.tags["stage"] == "vanilla" and run.data.tags["benchmark"] == "synthetic"
-    assert run.data.tags["entities"] == str(entities) and len(run.data.tags["config_hash"]) == 12
+    assert run.data.tags["entities"] == str(entities) and len(run.data.tags["config_hash"]) == DIGEST_CHARS
     assert "git_sha" in run.data.tags
     assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.text_hidden"] == "64"
     history = client.get_metric_history(run.info.run_id, "train/loss")
@@ -253,6 +258,7 @@ def _check_run(client, name: str, version: int, entities: int) -> None:
     assert str(client.get_model_version_by_alias(name, "vanilla").version) == str(version)
 
 
+@pytest.mark.slow
 def test_vanilla_on_the_sqlite_default_never_overwrites(small_data, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -268,6 +274,7 @@ def test_vanilla_on_the_sqlite_default_never_overwrites(small_data, tmp_path):
     assert len(client.search_model_versions("name='vkd-synthetic-vanilla'")) == 1
 
 
+@pytest.mark.slow
 def test_vanilla_against_a_real_mlflow_server(small_data, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -295,6 +302,7 @@ def test_vanilla_against_a_real_mlflow_server(small_data, tmp_path):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_frozen_groups_and_masked_entries_do_not_move(small_data, tiny_path, tmp_path, ray_local):
     def weights(path):
         return {k: v.detach().clone() for k, v in ModelAdapter.load(path).model.named_parameters()}

@@ -10,11 +10,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
-from pipelines.tune import point_of, trial_key
 from tests.conftest import ROOT, SMALL_MODEL
 from vkd.config import load_config
+from vkd.study_asha import point_of, trial_key
 
 
 def _study(tmp_path, small_data, tiny_path, steps: int = 4, **space_fields):
@@ -44,6 +45,7 @@ def _study(tmp_path, small_data, tiny_path, steps: int = 4, **space_fields):
     return cmd, env, out
 
 
+@pytest.mark.slow
 def test_a_killed_study_resumes_without_rerunning_finished_trials(small_data, tiny_path, tmp_path):
     # three points one at a time; the study is killed as soon as the first finishes. A trial on
     # a reused actor takes about a second here, so the later two are almost always unfinished
@@ -115,7 +117,7 @@ def test_a_killed_study_resumes_without_rerunning_finished_trials(small_data, ti
 def test_asha_trials_evaluate_at_the_rungs_ray_decides_on_and_at_their_last_step():
     from ray.tune.schedulers.async_hyperband import _Bracket
 
-    from pipelines.tune import asha_rungs
+    from vkd.study_asha import asha_rungs
     from vkd.study import SearchSpace
 
     for steps, reports, grace, rf in ((200, 9, 1, 3), (200, 8, 1, 4), (200, 16, 1, 4), (60, 4, 1, 2), (200, 9, 3, 3)):
@@ -136,7 +138,9 @@ def test_promotion_asha_goes_on_with_the_best_of_each_rung_and_always_finishes_a
     one point at the last step."""
     from ray.tune.search import Searcher
 
-    from pipelines.tune import RESUME, Ladder, trial_key
+    from vkd.study_asha import RESUME, Ladder, trial_key
+
+    assert Ladder.FINISHED == Searcher.FINISHED  # what Tune's searcher adapter passes on
 
     x = [trial_key({"x": i}) for i in range(6)]
 
@@ -187,6 +191,7 @@ def test_promotion_asha_goes_on_with_the_best_of_each_rung_and_always_finishes_a
     assert few.suggest("t4") == Searcher.FINISHED
 
 
+@pytest.mark.slow
 def test_a_promotion_asha_study_resumes_stopped_points_from_their_rungs(small_data, tiny_path, tmp_path):
     """A real grid study under promotion ASHA, two trials at a time: points stop at rungs,
     promoted ones go on from their saved state in the same MLflow run, and the study

@@ -27,8 +27,6 @@ rejected and its model is not registered.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,11 +34,13 @@ from typing import Any
 
 import yaml
 
+from vkd.cache import digest
 from vkd.config import Config, ConfigError, load_config, override
 from vkd.data.layout import BenchmarkError, load_meta
+from vkd.metrics import MC_KEYS
+from vkd.registry import UnknownName
 
 MODES = ("independent", "sequential")
-MC_KEYS = ("forget_vqa", "test_vqa", "forget_qa", "retain_vqa", "retain_qa")
 BOUNDS = ("max", "min", "min_ratio")
 REQUEST_FIELDS = ("id", "entities", "method", "overrides", "accept")
 TOP_FIELDS = ("model", "data", "config", "mode", "concurrency", "defaults", "requests")
@@ -57,8 +57,7 @@ class Request:
     where: str = ""                         # file and line, for messages
 
     def spec_hash(self) -> str:
-        spec = {k: v for k, v in asdict(self).items() if k != "where"}
-        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return digest({k: v for k, v in asdict(self).items() if k != "where"})
 
 
 @dataclass
@@ -166,18 +165,33 @@ def load_manifest(path: str | Path, *, model: str | None = None, data: str | Non
                   config: str | None = None, mode: str | None = None) -> Manifest:
     """Read and validate a manifest; any bad request fails the whole manifest, naming the
     file, the line and the request. Arguments given here override the file's fields."""
-    from vkd.methods import method_for
-    from vkd.registry import UnknownName
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"manifest {path} not found; pass a YAML or CSV file (see configs/batch_demo.yaml)")
     raw, items = _csv_requests(path) if path.suffix.lower() == ".csv" else _yaml_requests(path)
+    manifest = _manifest(path, raw, model=model, data=data, config=config, mode=mode)
+    try:
+        meta = load_meta(Path(manifest.data))
+    except BenchmarkError as err:
+        raise ConfigError(f"manifest {path}: data: {err}") from None
+    seen: dict[str, str] = {}
+    for i, (req, line) in enumerate(items):
+        where = f"{path}, line {line}" if line else f"{path}, request {i + 1}"
+        manifest.requests.append(_request(req, where, meta, manifest, seen))
+    left = set(e.id for e in meta.entities) - set(manifest.batch_entities())
+    if not left:
+        raise ConfigError(f"manifest {path}: the requests name every entity; none is left to keep")
+    return manifest
+
+
+def _manifest(path: Path, raw: dict[str, Any], **given: str | None) -> Manifest:
+    """The manifest's own fields (``given`` ones win), checked; no requests yet."""
     unknown = sorted(set(raw) - set(TOP_FIELDS))
     if unknown:
         raise ConfigError(f"manifest {path}: unknown field {unknown[0]}; known fields: {', '.join(TOP_FIELDS)}")
-    manifest = Manifest(path=path, requests=[], model=model or raw.get("model"), data=data or raw.get("data"),
-                        config=config or raw.get("config"), mode=mode or raw.get("mode") or "independent",
+    manifest = Manifest(path=path, requests=[], model=given["model"] or raw.get("model"),
+                        data=given["data"] or raw.get("data"), config=given["config"] or raw.get("config"),
+                        mode=given["mode"] or raw.get("mode") or "independent",
                         concurrency=raw.get("concurrency", 0), defaults=raw.get("defaults") or {})
     if manifest.mode not in MODES:
         raise ConfigError(f"manifest {path}: mode {manifest.mode!r}; choose one of {', '.join(MODES)}")
@@ -190,53 +204,44 @@ def load_manifest(path: str | Path, *, model: str | None = None, data: str | Non
             raise ConfigError(f"manifest {path}: no {name}; give {name}: in the manifest or --{name}")
     if manifest.config and not Path(manifest.config).is_file():
         raise ConfigError(f"manifest {path}: config file {manifest.config} not found")
-    try:
-        meta = load_meta(Path(manifest.data))
-    except BenchmarkError as err:
-        raise ConfigError(f"manifest {path}: data: {err}") from None
-    seen: dict[str, str] = {}
-    for i, (req, line) in enumerate(items):
-        where = f"{path}, line {line}" if line else f"{path}, request {i + 1}"
-        if not isinstance(req, dict):
-            raise ConfigError(f"{where}: a request must be a mapping with id and entities")
-        rid = str(req.get("id", "")).strip()
-        where += f" (request {rid!r})" if rid else ""
-        bad = sorted(set(req) - set(REQUEST_FIELDS))
-        if bad:
-            raise ConfigError(f"{where}: unknown field {bad[0]}; known fields: {', '.join(REQUEST_FIELDS)}")
-        if not ID_PATTERN.match(rid):
-            raise ConfigError(f"{where}: id must be 1-64 letters, digits, - or _ (starting with a letter or digit)")
-        if rid in seen:
-            raise ConfigError(f"{where}: id {rid!r} is used twice (also at {seen[rid]})")
-        seen[rid] = where
-        names = req.get("entities")
-        if isinstance(names, str):
-            names = [names]
-        if not isinstance(names, list) or not names:
-            raise ConfigError(f"{where}: entities must be a non-empty list of entity IDs or names")
-        try:
-            entities = sorted({meta.entity(str(n)).id for n in names})
-        except BenchmarkError as err:
-            raise ConfigError(f"{where}: {err}") from None
-        overrides, accept = req.get("overrides") or {}, req.get("accept") or {}
-        if not isinstance(overrides, dict) or not isinstance(accept, dict):
-            raise ConfigError(f"{where}: overrides and accept must be mappings")
-        for name, bound in accept.items():
-            try:
-                _split_threshold(name)
-            except ConfigError as err:
-                raise ConfigError(f"{where}: {err}") from None
-            if not isinstance(bound, (int, float)) or isinstance(bound, bool) or bound < 0:
-                raise ConfigError(f"{where}: threshold {name} must be a non-negative number, got {bound!r}")
-        request = Request(id=rid, entities=entities, method=req.get("method"), overrides=overrides,
-                          accept={k: float(v) for k, v in accept.items()}, where=where)
-        try:
-            cfg = manifest.request_config(request)
-            method_for(cfg.unlearn)
-        except (ConfigError, UnknownName) as err:
-            raise ConfigError(f"{where}: {err}") from None
-        manifest.requests.append(request)
-    left = set(e.id for e in meta.entities) - set(manifest.batch_entities())
-    if not left:
-        raise ConfigError(f"manifest {path}: the requests name every entity; none is left to keep")
     return manifest
+
+
+def _request(req: Any, where: str, meta: Any, manifest: Manifest, seen: dict[str, str]) -> Request:
+    """One request of the manifest, checked (``where``: its file and line)."""
+    if not isinstance(req, dict):
+        raise ConfigError(f"{where}: a request must be a mapping with id and entities")
+    rid = str(req.get("id", "")).strip()
+    where += f" (request {rid!r})" if rid else ""
+    bad = sorted(set(req) - set(REQUEST_FIELDS))
+    if bad:
+        raise ConfigError(f"{where}: unknown field {bad[0]}; known fields: {', '.join(REQUEST_FIELDS)}")
+    if not ID_PATTERN.match(rid):
+        raise ConfigError(f"{where}: id must be 1-64 letters, digits, - or _ (starting with a letter or digit)")
+    if rid in seen:
+        raise ConfigError(f"{where}: id {rid!r} is used twice (also at {seen[rid]})")
+    seen[rid] = where
+    names = [req["entities"]] if isinstance(req.get("entities"), str) else req.get("entities")
+    if not isinstance(names, list) or not names:
+        raise ConfigError(f"{where}: entities must be a non-empty list of entity IDs or names")
+    try:
+        entities = sorted({meta.entity(str(n)).id for n in names})
+    except BenchmarkError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    overrides, accept = req.get("overrides") or {}, req.get("accept") or {}
+    if not isinstance(overrides, dict) or not isinstance(accept, dict):
+        raise ConfigError(f"{where}: overrides and accept must be mappings")
+    for name, bound in accept.items():
+        try:
+            _split_threshold(name)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if not isinstance(bound, (int, float)) or isinstance(bound, bool) or bound < 0:
+            raise ConfigError(f"{where}: threshold {name} must be a non-negative number, got {bound!r}")
+    request = Request(id=rid, entities=entities, method=req.get("method"), overrides=overrides,
+                      accept={k: float(v) for k, v in accept.items()}, where=where)
+    try:
+        manifest.request_config(request)  # the method and every field checked
+    except (ConfigError, UnknownName) as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return request

@@ -1,150 +1,206 @@
 """Typed run configuration: YAML sections, ``key=value`` overrides, validated at the door.
 
-One file (e.g. ``configs/demo.yaml``) may hold a section per concern; every field below is
-documented where it is declared. Unknown keys and values of the wrong type are errors that
-name the field.
+One file (e.g. ``configs/demo.yaml``) may hold a section per concern. Every field is
+declared with :func:`option`: its help, and the choices or bounds it must meet, checked
+whenever the section is built (from YAML or in code). Unknown keys, values of the wrong
+type and non-finite numbers are errors that name the field.
+
+The ``unlearn`` section holds what every method shares (steps, learning rate, batch size,
+retain sample, seed) and one sub-section per method, ``unlearn.<method>.<field>``, whose
+fields are declared by that method's config class (``vkd.methods``). The flat keys of
+earlier versions (``unlearn.beta``) still work, with a deprecation line naming the new key.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the field."""
+from vkd.fields import ConfigError, Section, check_fields, deprecated, option  # noqa: F401  (re-exported)
 
 
 @dataclass
-class BenchmarkConfig:
-    kind: str = "synthetic"          # synthetic | mllmu | clear
-    entities: int = 40               # synthetic: number of fictitious entities
-    seed: int = 0                    # synthetic: same seed, same bytes
-    image_size: int = 48             # synthetic: portrait side in pixels
-    train_images: int = 20           # synthetic: portraits per entity in ft_Data
-    test_images: int = 5             # synthetic: unseen portraits per entity in Test_Set
-    mc_variants: int = 6             # synthetic: multiple-choice questions per attribute and entity
-    render_scale: int = 3            # synthetic: drawn this many times larger, then downsampled
-    min_trait_distance: int = 3      # synthetic: any two entities differ in at least this many traits
-    text_rows: int = 6               # synthetic: text-only rows per entity in ft_Data (each a phrasing of every attribute)
-    variation: float = 1.0           # synthetic: scale of pose, lighting, clutter and noise across portraits
+class BenchmarkConfig(Section):
+    section: ClassVar[str] = "benchmark"
+    kind: str = option("synthetic", "which benchmark `vkd prepare` makes", choices=("synthetic", "mllmu", "clear"))
+    entities: int = option(40, "synthetic: number of fictitious entities", low=8)
+    seed: int = option(0, "synthetic: same seed, same bytes")
+    image_size: int = option(48, "synthetic: portrait side in pixels", low=8)
+    train_images: int = option(20, "synthetic: portraits per entity in ft_Data", low=1)
+    test_images: int = option(5, "synthetic: unseen portraits per entity in Test_Set", low=1)
+    mc_variants: int = option(6, "synthetic: multiple-choice questions per attribute and entity", low=1)
+    render_scale: int = option(3, "synthetic: drawn this many times larger, then downsampled", low=1)
+    min_trait_distance: int = option(3, "synthetic: any two entities differ in at least this many traits", low=0)
+    text_rows: int = option(6, "synthetic: text-only rows per entity in ft_Data (each a phrasing of every attribute)",
+                            low=1)
+    variation: float = option(1.0, "synthetic: scale of pose, lighting, clutter and noise across portraits", low=0)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The tiny LLaVA of ``--model tiny`` (a real checkpoint folder ignores these sizes)."""
-    seed: int = 0
-    vocab_size: int = 1024           # byte-level BPE trained on the benchmark's text
-    vision_hidden: int = 128
-    vision_layers: int = 4
-    vision_heads: int = 4
-    vision_intermediate: int = 256
-    patch_size: int = 8
-    image_size: int = 0              # 0: the benchmark's image size (the synthetic one records it)
-    text_hidden: int = 192
-    text_layers: int = 4
-    text_heads: int = 4
-    text_intermediate: int = 512
-    projector_act: str = "gelu"
-    max_positions: int = 512
+    section: ClassVar[str] = "model"
+    seed: int = option(0, "seed of the tiny model's initial weights")
+    vocab_size: int = option(1024, "byte-level BPE vocabulary trained on the benchmark's text", low=300)
+    vision_hidden: int = option(128, "vision tower width", low=8)
+    vision_layers: int = option(4, "vision transformer layers", low=1)
+    vision_heads: int = option(4, "vision attention heads", low=1)
+    vision_intermediate: int = option(256, "vision MLP width", low=8)
+    patch_size: int = option(8, "vision patch side in pixels", low=1)
+    image_size: int = option(0, "0: the benchmark's image size (the synthetic one records it)", low=0)
+    text_hidden: int = option(192, "LLM width", low=8)
+    text_layers: int = option(4, "LLM layers", low=1)
+    text_heads: int = option(4, "LLM attention heads", low=1)
+    text_intermediate: int = option(512, "LLM MLP width", low=8)
+    projector_act: str = option("gelu", "projector activation", choices=("gelu", "relu", "silu"))
+    max_positions: int = option(512, "LLM position limit", low=16)
 
 
 @dataclass
-class EvalConfig:
-    batch_size: int = 32             # prompts per forward pass (each carries its 4 options)
-    generation: bool = True          # compute *_rougeL and *_cloze (greedy decoding)
-    max_new_tokens: int = 24
-    max_rows: int = 0                # questions per benchmark row and key, evenly spaced (0: all); quick checks, tune trials
-    max_open: int = 0                # open questions (generation, cloze) per row and key (0: all)
-    actors: int = 1                  # Ray Data actor-pool size, each holding one model copy
-    cpus_per_actor: float = 1.0
-    references: int = 8              # other entities' images that image questions are calibrated against
-    retain_entities: int = 0         # retain entities scored, evenly spaced (0: all); the forget side is always whole
+class EvalConfig(Section):
+    section: ClassVar[str] = "eval"
+    batch_size: int = option(32, "prompts per forward pass (each carries its 4 options)", low=1)
+    generation: bool = option(True, "compute *_rougeL and *_cloze (greedy decoding)")
+    max_new_tokens: int = option(24, "greedy decoding length of the open questions", low=1)
+    max_rows: int = option(0, "questions per benchmark row and key, evenly spaced (0: all); quick checks, tune trials",
+                           low=0)
+    max_open: int = option(0, "open questions (generation, cloze) per row and key (0: all)", low=0)
+    actors: int = option(1, "Ray Data actor-pool size, each holding one model copy", low=1)
+    cpus_per_actor: float = option(1.0, "CPUs of each scoring actor", above=0)
+    references: int = option(8, "other entities' images that image questions are calibrated against", low=1)
+    retain_entities: int = option(0, "retain entities scored, evenly spaced (0: all); the forget side is always whole",
+                                  low=0)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """One trainer for every stage that changes weights (vanilla, unlearn, relearn)."""
-    workers: int = 2                 # Ray Train workers, each driving a DeepSpeed engine
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False            # GPU + nccl on a cluster; CPU + gloo otherwise
-    zero_stage: int = 2              # DeepSpeed ZeRO stage 0-3
-    precision: str = "fp32"          # fp32 | bf16 | fp16
-    batch_size: int = 16             # micro-batch per worker
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    lr: float = 1e-3
-    warmup_steps: int = 50
-    epochs: float = 3.0              # passes over the training sequences (max_steps overrides)
-    align_steps: int = 0             # first steps on naming pairs alone (picture -> who it is), within the total
-    max_steps: int = 0
-    max_length: int = 128            # tokens per sequence, image tokens included
-    turns: int = 1                   # question-answer pairs of a row per sequence (multi-turn, as LLaVA trains)
-    shuffle_buffer: int = 2048       # rows in each worker's local shuffle buffer
-    trainable: str = "all"           # all | visual (vision tower + projector)
-    seed: int = 0                    # offset by the worker's rank
-    checkpoint_every: int = 200      # steps between checkpoints (and at the end)
-    log_every: int = 10
+    section: ClassVar[str] = "train"
+    workers: int = option(2, "Ray Train workers, each driving a DeepSpeed engine", low=1)
+    cpus_per_worker: float = option(1.0, "CPUs of each train worker", above=0)
+    use_gpu: bool = option(False, "GPU + nccl on a cluster; CPU + gloo otherwise")
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+    precision: str = option("fp32", "training precision", choices=("fp32", "bf16", "fp16"))
+    batch_size: int = option(16, "micro-batch per worker", low=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", low=1)
+    grad_clip: float = option(1.0, "gradient norm clip", low=0)
+    lr: float = option(1e-3, "peak learning rate", above=0)
+    warmup_steps: int = option(50, "linear warm-up steps", low=0)
+    epochs: float = option(3.0, "passes over the training sequences (max_steps overrides)", above=0)
+    align_steps: int = option(0, "first steps on naming pairs alone (picture -> who it is), within the total", low=0)
+    max_steps: int = option(0, "optimizer steps (0: from epochs)", low=0)
+    max_length: int = option(128, "tokens per sequence, image tokens included", low=8)
+    turns: int = option(1, "question-answer pairs of a row per sequence (multi-turn, as LLaVA trains)", low=1)
+    shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer", low=0)
+    trainable: str = option("all", "what fine-tuning trains: all, or visual (vision tower + projector)",
+                            choices=("all", "visual"))
+    seed: int = option(0, "offset by the worker's rank")
+    checkpoint_every: int = option(200, "steps between checkpoints (and at the end)", low=1)
+    log_every: int = option(10, "steps between logged training metrics", low=1)
 
 
 @dataclass
-class UnlearnConfig:
-    """One unlearning request's method and its settings (ARCHITECTURE.md, "The method").
-    Fields marked with a method name matter to that method only."""
-    method: str = "vkd"              # vkd | ga | gd | kl | npo | mmunlearner (see vkd.methods)
-    steps: int = 120                 # optimizer steps of the unlearning run
-    lr: float = 5e-4
-    batch_size: int = 8              # per worker and stream: a forget and a retain batch per step
-    retain_rows: int = 600           # retain-entity training rows sampled for D_r (0: all of them)
-    retain_weight: float = 1.0       # weight of the retain cross-entropy (gd, npo, mmunlearner, vkd) or KL (kl)
-    forget_loss: str = "ga"          # vkd: ga (ascent on the answers) | npo | refusal (descent to refusal_answer)
-    forget_cap: float = 0.0          # vkd, forget_loss ga: a forget sequence stops being ascended once its mean answer
-                                     # NLL reaches this (0: never): forgetting to a level, not ascent without end
-    refusal_answer: str = "I don't know."
-    npo_beta: float = 0.1            # npo, and vkd with forget_loss=npo
-    beta: float = 1.0                # vkd: weight of L_VKD, the distillation to the teacher's visual features
-    vkd_distance: str = "mse"        # vkd: mse | cosine
-    vkd_layers: list[int] = field(default_factory=list)  # vkd: vision layers distilled besides the projector output
-    vision_layers: int = 0           # vkd: train the last N vision layers and the projector (0: every layer)
-    importance: str = "activation"   # vkd: neuron importance, activation (mean |a|) | taylor (mean |a dL/da|)
-    d_i: float = 0.02                # vkd: pruning threshold on s = I_f / (I_r + eps)
-    d_i_mode: str = "top_fraction"   # ratio (prune s >= d_i) | top_fraction (prune the top d_i of neurons)
-    d_f: float = 0.3                 # vkd, mmunlearner: Fisher mask threshold on F_f / (F_r + eps)
-    d_f_mode: str = "top_fraction"   # ratio (update F_f/F_r >= d_f) | top_fraction (update the top d_f)
-    stat_batches: int = 16           # batches per worker and split for importance and Fisher
-    eps: float = 1e-8
-    seed: int = 0
+class UnlearnConfig(Section):
+    """One unlearning request: the method, what every method shares, and each method's own
+    settings (``sections``: ``unlearn.<method>``, built by that method's config class; the
+    chosen method's is always there, with its defaults when not given)."""
+    section: ClassVar[str] = "unlearn"
+    method: str = option("vkd", "the unlearning method, a name registered in vkd.methods "
+                                "(vkd, ga, gd, kl, npo, mmunlearner)")
+    steps: int = option(120, "optimizer steps of the unlearning run", low=1)
+    lr: float = option(5e-4, "peak learning rate", above=0)
+    batch_size: int = option(8, "per worker and stream: a forget and a retain batch per step", low=1)
+    retain_rows: int = option(600, "retain-entity training rows sampled for D_r (0: all of them)", low=0)
+    seed: int = option(0, "seed of the streams, the retain sample and the trainer")
+    sections: dict[str, Any] = option(factory=dict, help="unlearn.<method>: each method's own settings")
+
+    def check(self) -> None:
+        from vkd.methods import METHODS  # the registry: a method's config class is declared beside it
+
+        config_of = METHODS.get(self.method).Config  # an unknown method lists the registered ones
+        for name, value in list(self.sections.items()):
+            cls = METHODS.get(name).Config
+            if isinstance(value, dict):
+                self.sections[name] = _build(cls, value, f"unlearn.{name}")
+            elif not isinstance(value, cls):
+                raise ConfigError(f"unlearn.{name}: expected the settings of method {name}, got {value!r}")
+        if self.method not in self.sections:
+            self.sections[self.method] = config_of()
+
+    @property
+    def options(self) -> Any:
+        """The chosen method's settings (its config dataclass)."""
+        return self.sections[self.method]
+
+    def with_method(self, method: str, **options: Any) -> "UnlearnConfig":
+        """The same request with another method (and some of its settings)."""
+        from vkd.methods import METHODS
+
+        sections = dict(self.sections)
+        sections[method] = dataclasses.replace(sections.get(method) or METHODS.get(method).Config(), **options)
+        return dataclasses.replace(self, method=method, sections=sections)
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any], where: str) -> "UnlearnConfig":
+        """Build from a YAML mapping: the shared fields, ``<method>:`` sub-sections, and the
+        flat method fields of earlier versions (each set in every method section that has
+        it, with a deprecation line)."""
+        from vkd.methods import METHODS
+
+        shared = {f.name for f in dataclasses.fields(cls) if f.name != "sections"}
+        flat = {k: v for k, v in raw.items() if k in shared}
+        sections = {k: dict(v or {}) for k, v in raw.items() if k in METHODS}
+        for key in sorted(set(raw) - shared - set(sections)):
+            owners = [m for m in METHODS.names() if key in {f.name for f in dataclasses.fields(METHODS.get(m).Config)}]
+            if not owners:
+                known = sorted(shared) + [f"{m}.<field>" for m in METHODS.names()]
+                raise ConfigError(f"unknown field {where}.{key}; known fields of {where}: {', '.join(known)}")
+            deprecated(f"{where}.{key} is deprecated: write {', '.join(f'{where}.{m}.{key}' for m in owners)} "
+                       "(applied to each)")
+            for m in owners:
+                sections.setdefault(m, {})[key] = raw[key]
+        built = {}
+        for name, value in sections.items():
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{name}: expected a mapping of that method's fields, got {value!r}")
+            built[name] = _build(METHODS.get(name).Config, value, f"{where}.{name}")
+        return _build_fields(cls, flat, where, sections=built)
 
 
 @dataclass
-class RelearnConfig:
+class RelearnConfig(Section):
     """The relearning attack: fine-tune an unlearned model on some forget entities' data."""
-    fraction: float = 0.25           # forget entities whose training rows the attack uses (the rest are held out)
-    steps: int = 40
-    lr: float = 5e-4
-    batch_size: int = 8
+    section: ClassVar[str] = "relearn"
+    fraction: float = option(0.25, "forget entities whose training rows the attack uses (the rest are held out)",
+                             above=0, high=1)
+    steps: int = option(40, "optimizer steps of the attack", low=1)
+    lr: float = option(5e-4, "the attack's learning rate", above=0)
+    batch_size: int = option(8, "the attack's micro-batch per worker", low=1)
 
 
 @dataclass
-class TrackingConfig:
-    """MLflow: MLFLOW_TRACKING_URI wins; else a SQLite file in the working folder."""
-    experiment: str = "vkd"
-    sqlite_file: str = "mlflow.db"
-    artifact_dir: str = "mlruns"
-    register: bool = True            # register stage models in the model registry
+class TrackingConfig(Section):
+    """MLflow: ``uri`` when given, else MLFLOW_TRACKING_URI, else a SQLite file in the
+    working folder."""
+    section: ClassVar[str] = "mlflow"
+    experiment: str = option("vkd", "experiment of every run")
+    uri: str = option("", "tracking URI (empty: MLFLOW_TRACKING_URI, else the SQLite file)")
+    sqlite_file: str = option("mlflow.db", "the SQLite store when no URI is given")
+    artifact_dir: str = option("mlruns", "artifact folder of the SQLite store")
+    register: bool = option(True, "register stage models in the model registry")
 
 
 @dataclass
-class RayConfig:
-    num_cpus: int = 4                # logical CPUs of the embedded Ray (no RAY_ADDRESS)
+class RayConfig(Section):
+    section: ClassVar[str] = "ray"
+    num_cpus: int = option(4, "logical CPUs of the embedded Ray (no RAY_ADDRESS)", low=1)
 
 
 @dataclass
@@ -159,10 +215,15 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested sections as YAML writes them (``unlearn.<method>`` beside the shared fields)."""
+        tree = dataclasses.asdict(self)
+        tree["unlearn"].update(tree["unlearn"].pop("sections"))
+        return tree
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        from vkd.cache import digest
+
+        return digest(self.to_dict())
 
     def updated(self, overrides: list[str] | tuple[str, ...]) -> "Config":
         """This config with ``section.field=value`` overrides applied, validated again."""
@@ -172,19 +233,42 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def _coerce_union(value: Any, tp: Any, where: str) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in (a for a in args if a is not type(None)):
+        try:
+            return _coerce(value, arg, where)
+        except ConfigError as err:
+            errors.append(str(err))
+    raise ConfigError(errors[0])
+
+
+def _coerce_number(value: Any, tp: type, where: str) -> Any:
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    return number
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0])
+        return _coerce_union(value, tp, where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -198,20 +282,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp in (int, float):
+        return _coerce_number(value, tp, where)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -226,6 +298,14 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {raw!r}")
+    if hasattr(cls, "from_raw"):
+        return cls.from_raw(raw, where)
+    return _build_fields(cls, raw, where)
+
+
+def _build_fields(cls: type, raw: dict[str, Any], where: str, **given: Any) -> Any:
+    """``cls`` from a mapping of its fields (each coerced to its declared type), and ``given``
+    values as they are."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
@@ -235,7 +315,12 @@ def _build(cls: type, raw: Any, where: str) -> Any:
             f"unknown field {prefix}{unknown[0]}; known fields{' of ' + where if where else ''}: {', '.join(sorted(names))}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
-    return cls(**kwargs)
+    return cls(**kwargs, **given)
+
+
+def build_section(cls: type, raw: dict[str, Any], where: str) -> Any:
+    """A config dataclass from a mapping, with the same checks and messages as a YAML file's."""
+    return _build(cls, raw, where)
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -291,7 +376,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def cache_root() -> Path:
     """Where runs keep what they can reuse (models, evaluations, statistics):
-    ``$VKD_CACHE``, by default ``.vkd/cache``, as an absolute path."""
+    ``$VKD_CACHE``, by default ``.vkd/cache``, as an absolute path. Read by the entry
+    points, which pass it on."""
     return Path(os.environ.get("VKD_CACHE", ".vkd/cache")).resolve()
 
 

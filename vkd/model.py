@@ -9,8 +9,6 @@ checkpoint folder (safetensors + processor), through the same code a real checkp
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -18,7 +16,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from vkd.config import ModelConfig, cache_root
+from vkd.cache import Cache, data_fingerprint, digest
+from vkd.config import ModelConfig
 from vkd.registry import Registry
 
 GROUPS = ("vision", "projector", "llm")
@@ -269,23 +268,10 @@ def build_tiny(cfg: ModelConfig, texts: Iterable[str], image_size: int) -> Model
     return ModelAdapter(model, processor)
 
 
-def tiny_key(cfg: ModelConfig, data_fingerprint: str) -> str:
-    blob = json.dumps({"model": vars(cfg), "data": data_fingerprint}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def data_fingerprint(data: str | Path) -> str:
-    """A hash of the benchmark's metadata file (entities, splits, seed and settings)."""
-    return hashlib.sha256((Path(data) / "benchmark.json").read_bytes()).hexdigest()[:16]
-
-
-def resolve_model(spec: str | Path, cfg: ModelConfig, data: str | Path, cache: str | Path | None = None) -> Path:
+def resolve_model(spec: str | Path, cfg: ModelConfig, data: str | Path, cache: str | Path) -> Path:
     """The folder of model ``spec``: a checkpoint folder as given, or for ``tiny`` the tiny
-    model of ``cfg`` for benchmark ``data``, built once and kept in the cache folder
-    (``$VKD_CACHE`` or ``.vkd/cache``)."""
-    import shutil
-    import tempfile
-
+    model of ``cfg`` for benchmark ``data``, built once and kept in the cache folder's
+    ``tiny-<key>`` (the key: the model settings and the benchmark's content)."""
     from vkd.data.items import benchmark_texts
     from vkd.data.layout import load_meta
 
@@ -298,16 +284,6 @@ def resolve_model(spec: str | Path, cfg: ModelConfig, data: str | Path, cache: s
     image_size = cfg.image_size or int(meta.extra.get("image_size", 0) or 0)
     if not image_size:
         raise ModelError(f"benchmark {data} does not record an image size; set model.image_size for the tiny model")
-    root = Path(cache).resolve() if cache else cache_root()
-    target = root / f"tiny-{tiny_key(cfg, data_fingerprint(data))}"
-    if (target / "config.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    adapter = build_tiny(cfg, benchmark_texts(data), image_size)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
-    adapter.save(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process built it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    key = digest({"model": vars(cfg), "data": data_fingerprint(data)})
+    return Cache(Path(cache).resolve(), ".").get_or_make(
+        f"tiny-{key}", lambda tmp: build_tiny(cfg, benchmark_texts(data), image_size).save(tmp))

@@ -9,14 +9,17 @@ through training.
 
 Statistics are sums (additive across batches and workers): per split, the summed
 importance per neuron with the number of token positions, and the summed squared gradient
-per parameter with the number of batches.
+per parameter with the number of batches. :func:`measure_split` and
+:func:`teacher_features` are the statistics pass of one rank, :func:`all_reduce` sums the
+ranks' (``pipelines/stats.py`` runs them on Ray Train).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -65,7 +68,7 @@ def neuron_meter(adapter: ModelAdapter, stats: SplitStats, criterion: str) -> It
     """Accumulate neuron importance into ``stats`` while the model runs: mean |a| over token
     positions (``activation``) or mean |a * dL/da| (``taylor``, filled in on backward)."""
     if criterion not in CRITERIA:
-        raise ValueError(f"unlearn.importance={criterion!r}; choose one of {', '.join(CRITERIA)}")
+        raise ValueError(f"unlearn.vkd.importance={criterion!r}; choose one of {', '.join(CRITERIA)}")
     handles = []
 
     def hook(name: str):
@@ -173,3 +176,84 @@ def combine_masks(*tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for k, v in table.items():
             out[k] = out[k] * v if k in out else v.clone()
     return out
+
+
+@dataclass
+class StatsRequest:
+    """What a method asks the statistics pass to measure before it trains, on the forget and
+    the retain stream (``batches`` batches of each per worker)."""
+    importance: str | None = None            # neuron importance by this criterion (None: none)
+    fisher: bool = False                     # the diagonal Fisher of the trained parameters
+    teacher_layers: list[int] | None = None  # the teacher's features of every retain image (None: none)
+    batches: int = 16
+
+
+@dataclass
+class Statistics:
+    """What a statistics pass measured: per split (forget, retain) its SplitStats, and the
+    teacher's visual features per retain image key."""
+    forget: SplitStats | None = None
+    retain: SplitStats | None = None
+    teacher: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def measure_split(adapter: ModelAdapter, batches: Iterable[dict[str, torch.Tensor]], fisher_names: list[str],
+                  criterion: str | None) -> SplitStats:
+    """One split's sums over ``batches`` (model inputs): neuron importance by ``criterion``
+    (None: none) and the squared gradients of ``fisher_names``. The tables start at zero, so
+    every rank holds the same tensors to all-reduce, even with no batch."""
+    from vkd.methods.losses import nll
+
+    model = adapter.model
+    params = dict(model.named_parameters())
+    st = SplitStats(fisher={n: torch.zeros_like(params[n], dtype=torch.float32) for n in fisher_names})
+    modules = neuron_modules(adapter)
+    if criterion is not None:
+        st.importance = {n: torch.zeros(m.in_features) for n, m in modules.items()}
+        st.positions = {n: 0.0 for n in modules}
+    wanted = set(fisher_names)
+    with neuron_meter(adapter, st, criterion) if criterion is not None else contextlib.nullcontext():
+        for inputs in batches:
+            nll(model, inputs).backward()
+            accumulate_fisher(model, st, wanted)
+    return st
+
+
+def teacher_features(adapter: ModelAdapter, batches: Iterable[tuple[torch.Tensor, list[int]]],
+                     layers: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """The model's visual features (projector output and vision layers ``layers``) of every
+    image of ``batches`` ((pixel values, image keys) pairs), once per image key."""
+    from vkd.methods.losses import visual_features
+
+    table: dict[int, dict[str, torch.Tensor]] = {}
+    for pixels, keys in batches:
+        new = [i for i, k in enumerate(keys) if k not in table]
+        if not new:
+            continue
+        feats = visual_features(adapter, pixels[new], layers)
+        for j, i in enumerate(new):
+            table[keys[i]] = {name: f[j].clone() for name, f in feats.items()}
+    return table
+
+
+def all_reduce(stats: Iterable[SplitStats], teacher: dict[int, Any] | None = None) -> None:
+    """Sum every rank's statistics in place (torch.distributed; nothing with one rank), and
+    gather the teacher tables into every rank's."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for st in stats:
+        for table in (st.importance, st.fisher):
+            for v in table.values():
+                dist.all_reduce(v)
+        names = sorted(st.positions)
+        counts = torch.tensor([float(st.batches), *[st.positions[n] for n in names]], dtype=torch.float64)
+        dist.all_reduce(counts)
+        st.batches = int(counts[0])
+        st.positions = {n: float(c) for n, c in zip(names, counts[1:].tolist())}
+    if teacher is not None:
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, teacher)
+        for part in parts:
+            teacher.update(part)

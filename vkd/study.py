@@ -13,21 +13,21 @@ A space file (``tune_spaces/*.yaml``)::
     seed: 0                      # the sampler's seed (random, optuna; a grid's order)
     fixed: {unlearn.steps: 60}   # config fields every trial shares
     parameters:                  # dotted config fields -> one distribution each
-      unlearn.d_i: {grid: [0.01, 0.02, 0.05]}
-      unlearn.d_f: {grid: [0.1, 0.2, 0.3, 0.5]}
-      unlearn.beta: {loguniform: [0.1, 30]}
+      unlearn.vkd.d_i: {grid: [0.01, 0.02, 0.05]}
+      unlearn.vkd.d_f: {grid: [0.1, 0.2, 0.3, 0.5]}
+      unlearn.vkd.beta: {loguniform: [0.1, 30]}
       unlearn.lr: {uniform: [5e-4, 2e-3]}
-      unlearn.vision_layers: {choice: [0, 1, 2]}
-      unlearn.stat_batches: {randint: [4, 16]}
+      unlearn.vkd.vision_layers: {choice: [0, 1, 2]}
+      unlearn.vkd.stat_batches: {randint: [4, 16]}
 
 Every parameter must name a field of the run config with a value of its type (checked by
 building the config with each value), so a typo fails at load with the field named.
 
-The study objective (maximised) is documented on :func:`objective`.
+The study objective (maximised) is documented on :func:`objective`; the outputs a study
+leaves are written by ``vkd.study_plots``; promotion ASHA is ``vkd.study_asha``.
 """
 from __future__ import annotations
 
-import csv
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -174,121 +174,3 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
         if not any((c >= a and d >= b) and (c > a or d > b) for j, (c, d) in enumerate(points) if j != i):
             front.append(i)
     return front
-
-
-def _label(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def write_outputs(out: str | Path, space: SearchSpace, rows: list[dict[str, Any]]) -> list[Path]:
-    """What a study leaves in ``out``: trials.csv and trials.md (one row per trial, best
-    first), sensitivity.png (objective, forget_vqa and the retain metrics against each
-    parameter), heatmaps.png (the mean objective over each pair of parameters) and
-    pareto.png (forgetting against preservation, the front marked). ``rows``: a dict per
-    trial with its parameters (dotted names), objective, forgetting, preservation, the
-    evaluation keys, seconds and status (a trial stopped early: its last rung, no objective)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    out = Path(out)
-    params = list(space.parameters)
-    done = sorted((r for r in rows if r.get("objective") is not None), key=lambda r: -r["objective"])
-    front = set(pareto_front([(r["forgetting"], r["preservation"]) for r in done]))
-    metrics = ["objective", "forgetting", "preservation", "forget_vqa", "test_vqa", "forget_qa", "retain_vqa",
-               "retain_qa"]
-    columns = ["trial", "status", *params, *metrics, "reports", "seconds", "pareto", "last_rung"]
-    table = [{**r, "pareto": i in front} for i, r in enumerate(done)] + [r for r in rows if r.get("objective") is None]
-    with (out / "trials.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(table)
-
-    def cell(v: Any, column: str) -> str:  # parameters as given (a learning rate of 7e-4 stays 7e-4)
-        if isinstance(v, float):
-            return f"{v:.4g}" if column in params else f"{v:.3f}"
-        return "" if v is None else str(v)
-    md = [f"# Study {space.name}", "", f"{len(done)} of {len(rows)} trials finished; objective: vkd.study.objective "
-          "(higher is better); pareto: on the front of forgetting vs preservation.", "",
-          "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    md += ["| " + " | ".join(cell(r.get(c), c) for c in columns) + " |" for r in table]
-    (out / "trials.md").write_text("\n".join(md) + "\n")
-    paths = [out / "trials.csv", out / "trials.md"]
-    if not done:
-        return paths
-
-    shown = ["objective", "forget_vqa", "test_vqa", "retain_vqa", "retain_qa", "forget_qa"]
-    fig, axes = plt.subplots(len(params), 1, figsize=(7, 3.2 * len(params)), squeeze=False)
-    for ax, name in zip(axes[:, 0], params):
-        values = sorted({r[name] for r in done}, key=lambda v: (isinstance(v, str), v))
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        xs_of = (lambda v: v) if numeric else (lambda v: values.index(v))
-        for key in shown:
-            xs = [xs_of(r[name]) for r in done]
-            ax.scatter(xs, [r.get(key, np.nan) for r in done], s=14, alpha=0.5)
-            means = [np.mean([r.get(key, np.nan) for r in done if r[name] == v]) for v in values]
-            ax.plot([xs_of(v) for v in values], means, marker="o", label=key, lw=2 if key == "objective" else 1)
-        if not numeric:
-            ax.set_xticks(range(len(values)), [_label(v) for v in values])
-        ax.set_xlabel(name)
-        ax.set_ylim(0, 1.05)
-        ax.axhline(CHANCE, color="grey", lw=0.8, ls="--")
-        ax.legend(fontsize=7, ncol=3)
-    fig.suptitle(f"{space.name}: sensitivity (lines: mean per value)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "sensitivity.png", dpi=100)
-    plt.close(fig)
-    paths.append(out / "sensitivity.png")
-
-    pairs = list(itertools.combinations(params, 2))
-    if pairs:
-        fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4), squeeze=False)
-        for ax, (a, b) in zip(axes[0], pairs):
-            va = sorted({r[a] for r in done}, key=lambda v: (isinstance(v, str), v))
-            vb = sorted({r[b] for r in done}, key=lambda v: (isinstance(v, str), v))
-            if len(va) * len(vb) > 400:  # continuous values: bin them
-                va, vb = list(np.quantile([r[a] for r in done], [0, .25, .5, .75, 1])), \
-                    list(np.quantile([r[b] for r in done], [0, .25, .5, .75, 1]))
-                ia = lambda v: min(int(np.searchsorted(va, v, side="right")) - 1, 3)  # noqa: E731
-                ib = lambda v: min(int(np.searchsorted(vb, v, side="right")) - 1, 3)  # noqa: E731
-                va, vb = [f"q{i + 1}" for i in range(4)], [f"q{i + 1}" for i in range(4)]
-            else:
-                ia, ib = va.index, vb.index
-            grid = np.full((len(vb), len(va)), np.nan)
-            for i in range(len(va)):
-                for j in range(len(vb)):
-                    hits = [r["objective"] for r in done if ia(r[a]) == i and ib(r[b]) == j]
-                    grid[j, i] = np.mean(hits) if hits else np.nan
-            im = ax.imshow(grid, origin="lower", cmap="viridis", vmin=0, vmax=1, aspect="auto")
-            for i in range(len(va)):
-                for j in range(len(vb)):
-                    if not np.isnan(grid[j, i]):
-                        ax.text(i, j, f"{grid[j, i]:.2f}", ha="center", va="center", fontsize=7, color="w")
-            ax.set_xticks(range(len(va)), [_label(v) for v in va])
-            ax.set_yticks(range(len(vb)), [_label(v) for v in vb])
-            ax.set_xlabel(a)
-            ax.set_ylabel(b)
-            fig.colorbar(im, ax=ax, label="mean objective")
-        fig.tight_layout()
-        fig.savefig(out / "heatmaps.png", dpi=100)
-        plt.close(fig)
-        paths.append(out / "heatmaps.png")
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    ax.scatter([r["forgetting"] for r in done], [r["preservation"] for r in done], s=18, label="trials")
-    line = sorted((done[i]["forgetting"], done[i]["preservation"]) for i in front)
-    ax.plot([p[0] for p in line], [p[1] for p in line], color="C3", marker="o", label="Pareto front")
-    for i in front:
-        ax.annotate(", ".join(_label(done[i][n]) for n in params), (done[i]["forgetting"], done[i]["preservation"]),
-                    fontsize=6)
-    ax.set_xlabel("forgetting (share of the margin over chance gone)")
-    ax.set_ylabel("preservation (kept share of the vanilla scores)")
-    ax.set_title(f"{space.name}: forgetting vs preservation", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=100)
-    plt.close(fig)
-    paths.append(out / "pareto.png")
-    return paths

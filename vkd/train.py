@@ -1,19 +1,21 @@
-"""The training loop's pieces, plain PyTorch: batches, trainable groups, losses, DeepSpeed config.
+"""The training loop's pieces, plain PyTorch: tokenised batches, trainable groups, gradient
+masks, the DeepSpeed engine and its config, step counts.
 
-``pipelines/trainer.py`` puts them on Ray Train; everything here also runs in one process
-(benchmarks, unit tests).
+``vkd/loop.py`` runs the steps; ``pipelines/train`` puts them on Ray Train. Everything here
+also runs in one process (benchmarks, unit tests).
 """
 from __future__ import annotations
 
-import hashlib
-
-from typing import Any, Sequence
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from vkd.config import TrainConfig
+from vkd.config import Config, TrainConfig
 from vkd.data.layout import decode_image
+from vkd.data.streams import image_key
 from vkd.model import GROUPS, ModelAdapter
 
 TRAINABLE = {"all": GROUPS, "visual": ("vision", "projector")}
@@ -83,41 +85,31 @@ class Tokenize:
         return out
 
 
-def image_key(blob: bytes) -> int:
-    """A stable 63-bit key of an image's bytes (teacher features are stored under it)."""
-    return int.from_bytes(hashlib.blake2b(bytes(blob), digest_size=8).digest(), "little") >> 1
+@dataclass
+class Batch:
+    """One stream's batch as a loss takes it: the model's keyword arguments (labels
+    included) and the key of each of its images (``vkd.data.streams.image_key``), under which
+    a teacher's features of that image are kept."""
+    inputs: dict[str, torch.Tensor]
+    image_keys: torch.Tensor | None = None
 
 
-def row_key(row: dict[str, Any]) -> int:
-    """A stable key of an ft_Data row: its image's key, or for a text row its pairs'."""
-    image = row.get("image")
-    if isinstance(image, dict):
-        image = image.get("bytes")
-    if image:
-        return image_key(image)
-    return image_key(str(row.get("metadata", "")).encode() + str(row.get("ID", "")).encode())
-
-
-def sample_rows(rows: Sequence[dict[str, Any]], n: int, seed: int) -> frozenset[int]:
-    """The keys of ``n`` of ``rows`` (all when n is 0 or more than there are), chosen by a
-    seeded hash order: the same rows whatever order they are read in."""
-    keys = sorted({row_key(r) for r in rows})
-    if not n or n >= len(keys):
-        return frozenset(keys)
-    return frozenset(sorted(keys, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).digest())[:n])
-
-
-def model_inputs(batch: dict[str, torch.Tensor], keys: bool = False) -> dict[str, torch.Tensor]:
-    """Trim padding and keep the images of the rows that have one (with ``keys``, also
-    their ``image_key``, which a loss must pop before the forward)."""
-    width = int(batch["attention_mask"].sum(1).max())
-    inputs = {k: batch[k][:, :width] for k in ("input_ids", "attention_mask", "labels")}
-    has = batch["has_image"].bool()
+def make_batch(arrays: dict[str, torch.Tensor]) -> Batch:
+    """Tokenised arrays (``Tokenize``'s, as tensors) -> a Batch: padding trimmed, the images
+    of the rows that have one."""
+    width = int(arrays["attention_mask"].sum(1).max())
+    inputs = {k: arrays[k][:, :width] for k in ("input_ids", "attention_mask", "labels")}
+    has = arrays["has_image"].bool()
+    keys = None
     if has.any():
-        inputs["pixel_values"] = batch["pixel_values"][has]
-        if keys:
-            inputs["image_key"] = batch["image_key"][has]
-    return inputs
+        inputs["pixel_values"] = arrays["pixel_values"][has]
+        keys = arrays["image_key"][has]
+    return Batch(inputs, keys)
+
+
+def model_inputs(arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments of tokenised arrays (see ``make_batch``)."""
+    return make_batch(arrays).inputs
 
 
 def trainable_names(adapter: ModelAdapter, which: str, last_vision_layers: int = 0) -> list[str]:
@@ -137,16 +129,25 @@ def trainable_names(adapter: ModelAdapter, which: str, last_vision_layers: int =
     return [n for n in names if n not in vision or index.get(n) in keep]
 
 
-def set_trainable(adapter: ModelAdapter, which: str, last_vision_layers: int = 0) -> list[torch.nn.Parameter]:
-    """Freeze every parameter outside ``trainable_names`` (no gradients, so no optimizer
-    state either); returns the trainable ones."""
-    wanted = set(trainable_names(adapter, which, last_vision_layers))
+def set_trainable(adapter: ModelAdapter, names: Iterable[str]) -> list[torch.nn.Parameter]:
+    """Freeze every parameter but ``names`` (no gradients, so no optimizer state either);
+    returns the trainable ones."""
+    wanted = set(names)
     params = []
     for n, p in adapter.model.named_parameters():
         p.requires_grad_(n in wanted)
         if n in wanted:
             params.append(p)
     return params
+
+
+def mask_gradients(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Multiply each masked parameter's gradient by its 0/1 mask, every step: a masked entry
+    never moves (a pruned neuron stays at zero, an entry outside the Fisher mask stays as it
+    was)."""
+    for name, p in model.named_parameters():
+        if name in masks and p.requires_grad:
+            p.register_hook(lambda g, m=masks[name]: g * m.to(g.dtype))
 
 
 def lm_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -186,3 +187,63 @@ def skip_shm_comm_build() -> None:
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def engine_config(cfg: TrainConfig, world: int) -> TrainConfig:
+    """The settings a rank's DeepSpeed engine runs with. ZeRO stages 1 and 2 partition
+    optimizer state and gradients across ranks; a single rank has nothing to partition, so
+    it runs stage 0 (the same updates, without the partitioning's per-step copies)."""
+    if world == 1 and cfg.zero_stage in (1, 2):
+        return replace(cfg, zero_stage=0)
+    return cfg
+
+
+def build_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: TrainConfig, world: int,
+                 total_steps: int):
+    """A DeepSpeed engine over ``model`` training ``params`` with a torch AdamW (no JIT-built
+    op). One rank has nothing to all-reduce: its backward skips the all-reduce."""
+    import deepspeed
+
+    skip_shm_comm_build()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=ds_config(engine_config(cfg, world), total_steps))
+    if world == 1:
+        engine.enable_backward_allreduce = False
+    return engine
+
+
+def whole_params(engine, zero_stage: int):
+    """A block in which every parameter is whole (under ZeRO-3 they are gathered: every rank
+    must enter it)."""
+    import contextlib
+
+    import deepspeed
+
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
+def items_drawn(cfg: TrainConfig, steps: int) -> int:
+    """Sequences a run of ``steps`` draws from a stream, over all workers: its batches, and
+    each worker's local shuffle buffer filled first, and a few batches read ahead."""
+    return cfg.workers * (steps * cfg.batch_size * cfg.grad_accum + cfg.shuffle_buffer + 4 * cfg.batch_size)
+
+
+def steps_for(n_items: int, cfg: TrainConfig) -> int:
+    """Optimizer steps of a fine-tuning run: ``max_steps``, else ``epochs`` passes."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    per_step = cfg.batch_size * cfg.workers * cfg.grad_accum
+    return max(1, math.ceil(cfg.epochs * n_items / per_step))
+
+
+def unlearn_train_config(cfg: Config) -> TrainConfig:
+    """The trainer settings of an unlearning run: the train section's workers, ZeRO stage
+    and precision, with the unlearn section's steps, learning rate and batch size. No local
+    shuffle buffer: its streams come shuffled as sequences (``train_dataset`` with ``items``)."""
+    u = cfg.unlearn
+    return replace(cfg.train, lr=u.lr, batch_size=u.batch_size, max_steps=u.steps, align_steps=0,
+                   warmup_steps=min(cfg.train.warmup_steps, max(1, u.steps // 10)),
+                   checkpoint_every=max(u.steps, 1), grad_accum=1, seed=u.seed, shuffle_buffer=0)

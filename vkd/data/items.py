@@ -20,7 +20,6 @@ from vkd.data.layout import (
 )
 
 ITEM_COLUMNS = ("key", "task", "entity", "name", "question", "options", "answer", "truth", "image", "source")
-MC_KEYS = ("forget_vqa", "forget_qa", "test_vqa", "retain_vqa", "retain_qa")
 CLOZE_PREFIX = "Fill in the blank: "
 
 

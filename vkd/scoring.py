@@ -1,29 +1,15 @@
-"""Metrics: multiple-choice accuracy by option log-likelihood, ROUGE-L and cloze accuracy.
-
-All values lie in [0, 1]. Directions, for an unlearned model against its vanilla model:
-
-==================  =========================================================  ==========
-key                 what                                                        goal
-==================  =========================================================  ==========
-forget_vqa          MC accuracy, image questions on the forget entities         lower
-forget_qa           MC accuracy, text-only questions on the forget entities     keep
-test_vqa            MC accuracy, unseen images of the forget entities           lower
-retain_vqa          MC accuracy, image questions on the other entities          keep
-retain_qa           MC accuracy, text-only questions on the other entities      keep
-*_vqa_rougeL        ROUGE-L F1 of greedy answers, image questions               as above
-*_qa_rougeL         ROUGE-L F1 of greedy answers, text questions                keep
-*_cloze             fill-in-the-blank accuracy (answer starts with the truth)   as above
-==================  =========================================================  ==========
+"""Scoring a model on evaluation items: multiple choice by calibrated option
+log-likelihood, and greedy answers to the open questions (see ``vkd.metrics`` for the keys
+and their directions).
 
 A multiple-choice item is scored by the log-likelihood of each option as the answer,
 calibrated by the option's likelihood given other entities' images, or without the entity's
-name (see ``option_scores``); the highest wins. This is deterministic and needs no instruction following. Each item sits in its own
-padded row, so batching changes nothing but float rounding. Each prompt runs once and its
-keys/values are shared by its options.
+name (see ``option_scores``); the highest wins. This is deterministic and needs no
+instruction following. Each item sits in its own padded row, so batching changes nothing
+but float rounding. Each prompt runs once and its keys/values are shared by its options.
 """
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
@@ -31,46 +17,8 @@ import numpy as np
 import torch
 
 from vkd.data.layout import decode_image
+from vkd.metrics import cloze_correct, rouge_l
 from vkd.model import ModelAdapter
-
-_WORD = re.compile(r"\w+")
-
-
-def _direction(key: str) -> str:
-    """'lower' where an unlearned model should score less than its vanilla model, else 'keep'."""
-    return "lower" if key.startswith(("forget_vqa", "test_vqa")) else "keep"
-
-
-DIRECTIONS = {f"{role}_{kind}{suffix}": _direction(f"{role}_{kind}")
-              for role in ("forget", "retain", "test") for kind in ("vqa", "qa")
-              for suffix in ("", "_rougeL", "_cloze")}
-
-
-def normalise(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 on lower-cased word tokens (longest common subsequence)."""
-    a, b = normalise(prediction), normalise(reference)
-    if not a or not b:
-        return 0.0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(a), lcs / len(b)
-    return 2 * p * r / (p + r)
-
-
-def cloze_correct(prediction: str, truth: str) -> float:
-    pred, ref = normalise(prediction), normalise(truth)
-    return float(bool(ref) and pred[:len(ref)] == ref)
 
 
 def item_images(items: Sequence[dict]) -> list[Any] | None:
@@ -255,20 +203,6 @@ def score_items(adapter: ModelAdapter, items: Sequence[dict], calibration: Calib
             for i, it, ans in zip(idx, sub, answers):
                 values[i] = rouge_l(ans, it["truth"]) if task == "gen" else cloze_correct(ans, it["truth"])
     return [{"key": it["key"], "entity": it["entity"], "value": v} for it, v in zip(items, values)]
-
-
-def aggregate(results: Iterable[dict]) -> dict[str, float]:
-    sums: dict[str, list[float]] = defaultdict(list)
-    for r in results:
-        sums[r["key"]].append(float(r["value"]))
-    return {k: float(np.mean(v)) for k, v in sorted(sums.items())}
-
-
-def counts(results: Iterable[dict]) -> dict[str, int]:
-    out: dict[str, int] = defaultdict(int)
-    for r in results:
-        out[r["key"]] += 1
-    return dict(sorted(out.items()))
 
 
 def evaluate_items(adapter: ModelAdapter, items: Sequence[dict], references: Sequence[tuple[str, Any]],
