@@ -52,10 +52,10 @@ class RungStop(FIFOScheduler):
 
     def __init__(self, ladder: Ladder, metric: str = "objective"):
         super().__init__()
-        self.ladder, self.metric = ladder, metric
+        self.ladder, self.key = ladder, metric  # TrialScheduler.metric is a read-only property
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        step, value = result.get("step"), result.get(self.metric)
+        step, value = result.get("step"), result.get(self.key)
         if step in self.ladder.records and value is not None:
             if not self.ladder.record(trial_key(point_of(trial.config)), step, float(value)):
                 return TrialScheduler.STOP
