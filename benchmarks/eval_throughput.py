@@ -3,7 +3,10 @@
 - generation time and size of the demo benchmark (configs/demo.yaml);
 - evaluation items/s of the same untrained tiny model on the same items, in-process and
   through the Ray Data actor pool, its items built in the driver (a small evaluation's
-  path) and streamed from the shards (a large one's), and the metric tables (they must agree).
+  path) and streamed from the shards (a large one's), and the metric tables (they must agree);
+- what the keys of what a user sees cost: the in-process evaluation of the keys before them
+  (multiple choice, ROUGE-L, cloze) against all of today's (their ``_gen`` twins, the unseen
+  pictures of retain entities, the lookalikes), side by side.
 
     .venv/bin/python benchmarks/eval_throughput.py [--config configs/demo.yaml] [--rows N]
 """
@@ -14,16 +17,19 @@ import dataclasses
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pipelines.runtime import set_environment
 
 set_environment()  # the stages' variables, before the hub, Ray and MLflow load
-from pipelines.runtime import init_ray
-from pipelines.evaluate import evaluate_on_ray
+from pipelines.evaluate import evaluate_on_ray  # noqa: E402
+from pipelines.runtime import init_ray  # noqa: E402
 from vkd.config import load_config
 from vkd.data import prepare_benchmark
-from vkd.data.items import eval_items, reference_images
+from vkd.data.items import items_for, reference_images
+from vkd.data.layout import forget_set, load_meta
+from vkd.lookalikes import find_lookalikes
 from vkd.metrics import aggregate, counts, format_table
 from vkd.scoring import evaluate_items
 from vkd.model import ModelAdapter, resolve_model
@@ -51,33 +57,44 @@ def main() -> None:
               f"{size / 2**20:.1f} MiB on disk")
 
         path = resolve_model("tiny", cfg.model, work / "data", cache=work / "models")
-        items = eval_items(work / "data", args.forget, cfg.eval.max_rows, cfg.eval.generation, cfg.eval.max_open)
         import torch
 
         torch.set_num_threads(int(cfg.eval.actors * cfg.eval.cpus_per_actor))
         adapter = ModelAdapter.load(path)
+        fs = forget_set(load_meta(work / "data"), args.forget)
+        fs = replace(fs, lookalikes=tuple(sorted({e for ids in find_lookalikes(adapter, work / "data", fs,
+                                                                                cfg.eval.lookalikes).values()
+                                                  for e in ids})))
+        items = items_for(work / "data", fs, cfg.eval)
+        earlier = [it for it in items if it["task"] != "short" and not it["key"].startswith("retain_test")]
+        refs = reference_images(work / "data", args.forget, cfg.eval.references)
         start = time.perf_counter()
-        local = evaluate_items(adapter, items, reference_images(work / "data", args.forget, cfg.eval.references),
-                               cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        evaluate_items(adapter, earlier, refs, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        earlier_s = time.perf_counter() - start
+        start = time.perf_counter()
+        local = evaluate_items(adapter, items, refs, cfg.eval.batch_size, cfg.eval.max_new_tokens)
         local_s = time.perf_counter() - start
 
         init_ray(cfg.ray.num_cpus)
         on_ray, ray_s = {}, {}
         for label, inline in (("driver items", True), ("streamed", False)):
             start = time.perf_counter()
-            on_ray[label] = evaluate_on_ray(path, work / "data", args.forget, cfg.eval, inline=inline)
+            on_ray[label] = evaluate_on_ray(path, work / "data", fs, cfg.eval, inline=inline)
             ray_s[label] = time.perf_counter() - start
 
-        print(format_table({}, counts(local), {"in-process": aggregate(local),
-                                               **{f"ray {k}": aggregate(v) for k, v in on_ray.items()}}))
+        looks = fs.lookalikes
+        print(format_table({}, counts(local, looks), {"in-process": aggregate(local, looks),
+                                                      **{f"ray {k}": aggregate(v, looks) for k, v in on_ray.items()}}))
         print(f"\n{len(items)} items ({cfg.eval.actors} actors x {cfg.eval.cpus_per_actor} CPU vs in-process "
               f"with {torch.get_num_threads()} threads)")
         print(f"in-process:            {len(local) / local_s:7.1f} items/s ({local_s:.1f} s)")
+        print(f"the earlier keys alone, in-process: {len(earlier)} items in {earlier_s:.1f} s; all keys / earlier "
+              f"keys (seconds): {local_s / earlier_s:.2f}x")
         for label, seconds in ray_s.items():
             print(f"ray data, {label + ':':<13}{len(on_ray[label]) / seconds:7.1f} items/s ({seconds:.1f} s, "
                   f"actor start-up included; in-process/ray {local_s / seconds:.2f}x)")
         print(f"ratio streamed/driver items (seconds): {ray_s['streamed'] / ray_s['driver items']:.2f}x")
-        same = all(aggregate(local) == aggregate(v) for v in on_ray.values())
+        same = all(aggregate(local, looks) == aggregate(v, looks) for v in on_ray.values())
         print(f"same metrics: {same}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

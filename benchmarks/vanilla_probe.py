@@ -29,7 +29,7 @@ from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows
 from vkd.metrics import aggregate
 from vkd.scoring import evaluate_items
 from vkd.model import ModelAdapter, resolve_model
-from vkd.train import Tokenize, model_inputs, set_trainable
+from vkd.train import Tokenize, fit_length, model_inputs, set_trainable, trainable_names
 
 EXTRA_PREFIXES = ("Fill in the blank", "Describe the person")
 
@@ -58,8 +58,8 @@ def main() -> None:
             pairs = [p for p in json.loads(row["metadata"]) if not p["Question"].startswith(EXTRA_PREFIXES)]
             row = {**row, "metadata": json.dumps(pairs)}
         items += train_sequences(row, cfg.train.turns, cfg.train.seed)
-    tokenize = Tokenize(adapter, cfg.train.max_length)
-    params = set_trainable(adapter, "all")
+    tokenize = Tokenize(adapter, fit_length(cfg.train, adapter, items + naming).max_length)
+    params = set_trainable(adapter, trainable_names(adapter, "all"))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.train.warmup_steps) * max(0.0, 1 - s / args.steps))

@@ -33,7 +33,7 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from pipelines.common import parse, parser, run_main
-from pipelines.evaluate import cached_results
+from pipelines.evaluate import cached_results, own_items, with_lookalikes
 from pipelines.runtime import embedded_cpus, init_ray
 from pipelines.stats import warm_stats
 from pipelines.tracking import experiment_id, register_version, registered_model, resolved, tracking_uri
@@ -42,10 +42,12 @@ from vkd.batch import Manifest, Request, check_result, load_manifest
 from vkd.cache import data_fingerprint, digest, model_fingerprint
 from vkd.config import Config, cache_root
 from vkd.data.layout import ForgetSet, load_meta
-from vkd.metrics import MC_KEYS, aggregate
+from vkd.data.items import plan_for
+from vkd.metrics import aggregate
 from vkd.model import resolve_model
 
-SHOWN = MC_KEYS
+SHOWN = ("forget_vqa", "test_vqa", "forget_vqa_gen", "forget_qa", "retain_vqa", "retain_test_vqa", "lookalike_vqa")
+COLUMNS = (*SHOWN, "relearn_ag")
 
 
 def forget_sets(manifest: Manifest) -> dict[str, ForgetSet]:
@@ -59,13 +61,15 @@ def forget_sets(manifest: Manifest) -> dict[str, ForgetSet]:
 def shared_before(model: Path, data: Path, manifest: Manifest, sets: dict[str, ForgetSet],
                   configs: dict[str, Config], cache: Path) -> dict[str, dict[str, float]]:
     """The starting model's scores for every request with the batch's evaluation settings,
-    from one evaluation over all their entities and the shared retain sample (kept in
-    ``$VKD_CACHE/eval``, so a resubmitted batch does not redo it)."""
+    from one evaluation over all their entities, lookalikes and the shared retain sample
+    (kept in the cache's ``eval``, so a resubmitted batch does not redo it), each request's
+    the items its own evaluation scores."""
     first = configs[manifest.requests[0].id].eval
     same = [r for r in manifest.requests if configs[r.id].eval == first]
-    union = ForgetSet("batch", tuple(sorted({e for r in same for e in r.entities})), sets[same[0].id].retain)
+    union = ForgetSet("batch", tuple(sorted({e for r in same for e in r.entities})), sets[same[0].id].retain,
+                      lookalikes=tuple(sorted({e for r in same for e in sets[r.id].lookalikes})))
     results = cached_results(model, data, union, first, cache)
-    return {r.id: aggregate([x for x in results if x["key"].startswith("retain") or x["entity"] in set(r.entities)])
+    return {r.id: aggregate(own_items(results, plan_for(data, sets[r.id], first)), sets[r.id].lookalikes)
             for r in same}
 
 
@@ -88,7 +92,8 @@ def _summary(request: Request, run, status: str, seconds: float, model: str | No
     return {"id": request.id, "entities": request.entities, "status": status, "decision": tags.get("decision"),
             "reason": tags.get("reason", ""), "version": tags.get("registered_version") or None,
             "run_id": run.info.run_id, "seconds": seconds, "model": model,
-            "before": {k: metrics.get(f"before/{k}") for k in SHOWN}, "after": {k: metrics.get(f"after/{k}") for k in SHOWN}}
+            "before": {k: metrics.get(f"before/{k}") for k in SHOWN},
+            "after": {**{k: metrics.get(f"after/{k}") for k in SHOWN}, "relearn_ag": metrics.get("relearn_ag")}}
 
 
 def run_request(request: Request, cfg: Config, model: str, data: str, fs: ForgetSet, before: dict | None,
@@ -104,11 +109,12 @@ def run_request(request: Request, cfg: Config, model: str, data: str, fs: Forget
         shutil.rmtree(folder)
     for stale in Path(out).glob(f".unlearn-{request.id}-????????"):  # and its work folder (mkdtemp: 8 characters)
         shutil.rmtree(stale, ignore_errors=True)
+    fs, table = with_lookalikes(Path(model), Path(data), replace(fs, lookalikes=()), cfg.eval.lookalikes, cache)
     r = run_unlearn(UnlearnOptions(
         cfg=cfg, model=Path(model), data=Path(data), forget=fs, out=folder, cache=Path(cache), register=False,
-        before=before, score_in_trainer=True, run_name=f"batch-{request.id}",
+        before=before, score_in_trainer=True, run_name=f"batch-{request.id}", lookalikes=table,
         tags={"request_id": request.id, "request_hash": request_digest, **tags}))
-    reasons = check_result(request.accept, r.before, r.after)
+    reasons = check_result(request.accept, r.before, {**r.after, **(r.relearn.gaps if r.relearn else {})})
     client = MlflowClient(tracking_uri(cfg.mlflow))
     if not reasons:
         version = register_version(r.run_id, r.registered_name, [f"request-{request.id}"],
@@ -159,6 +165,7 @@ def _independent(manifest: Manifest, configs: dict[str, Config], model: Path, da
     summaries and the seconds of the shared work."""
     digests = {r.id: request_hash(r, configs[r.id], model, data, manifest.mode) for r in manifest.requests}
     todo = [r for r in manifest.requests if finished_run(configs[r.id], digests[r.id]) is None]
+    sets = {rid: with_lookalikes(model, data, fs, configs[rid].eval.lookalikes, cache)[0] for rid, fs in sets.items()}
     shared = time.perf_counter()
     before = shared_before(model, data, manifest, sets, configs, cache) if todo else {}
     if todo:  # every request's statistics in one pass; the retain side (and teacher) once for all
@@ -220,17 +227,17 @@ def _local_model(summary: dict[str, Any], folder: Path, cfg: Config) -> Path:
 
 
 def _line(s: dict[str, Any]) -> str:
-    after = ", ".join(f"{k} {s['after'][k]:.3f}" for k in SHOWN if s["after"].get(k) is not None)
+    after = ", ".join(f"{k} {s['after'][k]:.3f}" for k in COLUMNS if s["after"].get(k) is not None)
     version = f", registered version {s['version']}" if s.get("version") else ""
     return f"request {s['id']}: {s['status']}; {s['decision']} ({s['reason']}){version}; {after}"
 
 
 def format_summary(summaries: list[dict[str, Any]]) -> str:
     head = f"{'request':<14} {'entities':<18} {'status':<20} {'decision':<9} {'version':>7} " + \
-        " ".join(f"{k:>10}" for k in SHOWN)
+        " ".join(f"{k[:15]:>15}" for k in COLUMNS)
     lines = [head, "-" * len(head)]
     for s in summaries:
-        vals = " ".join(f"{s['after'][k]:>10.3f}" if s["after"].get(k) is not None else f"{'':>10}" for k in SHOWN)
+        vals = " ".join(f"{s['after'][k]:>15.3f}" if s["after"].get(k) is not None else f"{'':>15}" for k in COLUMNS)
         lines.append(f"{s['id']:<14} {','.join(s['entities'])[:18]:<18} {s['status'][:20]:<20} "
                      f"{s['decision'] or '':<9} {s['version'] or '':>7} {vals}")
     rejected = [s for s in summaries if s["decision"] == "rejected"]

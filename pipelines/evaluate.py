@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,13 +24,13 @@ from pipelines.common import parse, parser, refuse_existing, resolve_config, run
 from pipelines.runtime import init_ray
 from vkd.cache import Cache, data_fingerprint, digest, model_fingerprint
 from vkd.config import Config, EvalConfig, cache_root
-from vkd.data.items import ITEM_COLUMNS, eval_items, eval_plan, expand_eval_row, reference_images
+from vkd.data.items import ITEM_COLUMNS, Plan, expand_eval_row, items_for, plan_for, reference_images
 from vkd.data.layout import ForgetSet, driver_sized, forget_set, load_meta, shards_holding
+from vkd.lookalikes import find_lookalikes
 from vkd.metrics import aggregate, counts, format_table
 from vkd.model import ModelAdapter, resolve_model
 from vkd.scoring import Calibration, score_items
 
-Plan = list[tuple[str, str, list[str] | None]]
 
 
 def _plain(value: Any) -> Any:
@@ -60,7 +60,8 @@ class _Expand:
         items: list[dict[str, Any]] = []
         for role, ids in self.by_split.get(Path(path).parent.name, ()):
             if ids is None or row["ID"] in ids:
-                items += expand_eval_row(dict(row), role, self.cfg.max_rows, self.cfg.generation, self.cfg.max_open)
+                items += expand_eval_row(dict(row), role, self.cfg.max_rows, self.cfg.generation, self.cfg.max_open,
+                                         self.cfg.max_gen)
         return items
 
 
@@ -91,15 +92,14 @@ def evaluate_on_ray(model_path: str | Path, data: str | Path, forget: str | Forg
     Data's file listing and read tasks cost a small evaluation 5-20 s, most of it starting
     their worker processes, and a union of one read per split pays that per split."""
     fs = forget_set(load_meta(data), forget)
-    plan = plan or eval_plan(data, fs, cfg.retain_entities)
+    plan = plan or plan_for(data, fs, cfg)
     by_split: dict[str, list[tuple[str, list[str] | None]]] = {}
     for split, role, ids in plan:
         by_split.setdefault(split, []).append((role, ids))
     shards = sorted({p for split, parts in by_split.items()
                      for p in shards_holding(Path(data), split, _union_ids(parts))})
     if driver_sized(shards) if inline is None else inline:
-        items = [{c: it.get(c) for c in ITEM_COLUMNS}
-                 for it in eval_items(data, fs, cfg.max_rows, cfg.generation, cfg.max_open, plan)]
+        items = [{c: it.get(c) for c in ITEM_COLUMNS} for it in items_for(data, fs, cfg, plan)]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.batch_size)))
     else:
         ds = ray.data.read_parquet([str(p) for p in shards], include_paths=True).flat_map(_Expand(by_split, cfg))
@@ -118,6 +118,24 @@ def _union_ids(parts: list[tuple[str, list[str] | None]]) -> list[str] | None:
     return sorted({e for _, ids in parts for e in ids})
 
 
+ROLE_OF = (("retain_test_", "retain_test"), ("retain_", "retain"), ("test_", "test"), ("forget_", "forget"))
+
+
+def own_items(results: list[dict[str, Any]], plan: Plan) -> list[dict[str, Any]]:
+    """The results of a larger evaluation that ``plan`` holds: each result's role read off
+    its key, kept when the plan scores its entity in that role (a batch request's share of
+    the batch's one evaluation)."""
+    entities: dict[str, set[str] | None] = {}
+    for _, role, ids in plan:
+        entities[role] = None if ids is None or entities.get(role, set()) is None else entities.get(role, set()) | set(ids)
+    out = []
+    for r in results:
+        role = next((role for prefix, role in ROLE_OF if r["key"].startswith(prefix)), None)
+        if role in entities and (entities[role] is None or r["entity"] in entities[role]):
+            out.append(r)
+    return out
+
+
 def cached_results(model: str | Path, data: str | Path, forget: str | ForgetSet, cfg: EvalConfig,
                    cache: str | Path) -> list[dict[str, Any]]:
     """Every item's score (key, entity, value) for a model that does not change (the
@@ -133,17 +151,35 @@ def cached_results(model: str | Path, data: str | Path, forget: str | ForgetSet,
 def cached_evaluation(model: str | Path, data: str | Path, forget: str | ForgetSet, cfg: EvalConfig,
                       cache: str | Path) -> tuple[dict[str, float], dict[str, int]]:
     """The metrics and item counts of ``cached_results``."""
+    lookalikes = forget_set(load_meta(data), forget).lookalikes
     results = cached_results(model, data, forget, cfg, cache)
-    return aggregate(results), counts(results)
+    return aggregate(results, lookalikes), counts(results, lookalikes)
 
 
-def run_evaluation(cfg: Config, model: str, data: str, forget: str) -> tuple[dict[str, float], dict[str, int], float]:
-    eval_plan(data, forget)
-    path = resolve_model(model, cfg.model, data, cache_root())
+def with_lookalikes(model: str | Path, data: str | Path, fs: ForgetSet, k: int,
+                    cache: str | Path) -> tuple[ForgetSet, dict[str, list[str]]]:
+    """``fs`` with the lookalikes ``model`` sees (``k`` per forget entity; the table per forget
+    entity beside it), chosen once per model, benchmark and forget set and kept in the
+    cache's ``lookalikes``: the starting model's, so that every evaluation of a request
+    scores the same people."""
+    if not k:
+        return fs, {}
+    key = digest({"model": model_fingerprint(model), "data": data_fingerprint(data), "forget": fs.key(), "k": k})
+    table = Cache(cache, "lookalikes", ".json").json(key, lambda: find_lookalikes(ModelAdapter.load(model), data, fs, k))
+    return replace(fs, lookalikes=tuple(sorted({e for ids in table.values() for e in ids}))), table
+
+
+def run_evaluation(cfg: Config, model: str, data: str, forget: str,
+                   start_model: str | None = None) -> tuple[dict[str, float], dict[str, int], float]:
+    """Evaluate ``model``; the lookalikes are those of ``start_model`` (default: the model itself)."""
+    cache = cache_root()
+    path = resolve_model(model, cfg.model, data, cache)
+    start = resolve_model(start_model, cfg.model, data, cache) if start_model else path
+    fs, _ = with_lookalikes(start, data, forget_set(load_meta(data), forget), cfg.eval.lookalikes, cache)
     init_ray(cfg.ray.num_cpus)
-    start = time.perf_counter()
-    results = evaluate_on_ray(path, data, forget, cfg.eval)
-    return aggregate(results), counts(results), time.perf_counter() - start
+    began = time.perf_counter()
+    results = evaluate_on_ray(path, data, fs, cfg.eval)
+    return aggregate(results, fs.lookalikes), counts(results, fs.lookalikes), time.perf_counter() - began
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -153,10 +189,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--forget", required=True, help="forget_5 | forget_10 | forget_15")
     p.add_argument("--out", required=True, help="metrics.json to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--start-model", help="the model whose image features choose the lookalikes (an unlearned "
+                                         "model's starting model; default: --model)")
     args = parse(p, argv)
     cfg = resolve_config(args)
     out = refuse_existing(args.out, args.overwrite)
-    metrics, n, seconds = run_evaluation(cfg, args.model, args.data, args.forget)
+    metrics, n, seconds = run_evaluation(cfg, args.model, args.data, args.forget, args.start_model)
     out.write_text(json.dumps(metrics, indent=1, sort_keys=True))
     cfg.save(out.with_suffix(".config.yaml"))
     print(format_table(metrics, n))

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import ray.train
 import torch
 
-from pipelines.train import fit, torch_trainer, train_dataset
+from pipelines.train import fit, torch_trainer, train_dataset, unlearn_trainer
 from vkd.cache import Cache, data_fingerprint, digest, model_fingerprint
 from vkd.config import Config, TrainConfig
 from vkd.data.layout import ForgetSet
@@ -26,7 +26,7 @@ from vkd.data.streams import Ahead, RowPlan
 from vkd.methods import Method, method_for
 from vkd.model import ModelAdapter
 from vkd.saliency import Statistics, StatsRequest, all_reduce, measure_split, teacher_features
-from vkd.train import model_inputs, set_trainable, trainable_names, unlearn_train_config
+from vkd.train import model_inputs, set_trainable, trainable_names
 
 
 @dataclass
@@ -165,13 +165,13 @@ def cached_stats(need: StatsNeed, data: str | Path, work: Path, root: str | Path
     return Statistics(forget=parts.get("forget"), retain=parts.get("retain"), teacher=parts.get("teacher", {})), measured
 
 
-def run_need(cfg: Config, method: Method, model: Path, data: str | Path, fs: ForgetSet, tcfg: TrainConfig,
+def run_need(method: Method, model: Path, data: str | Path, plans: dict[str, RowPlan], tcfg: TrainConfig,
              adapter: ModelAdapter) -> StatsNeed | None:
-    """What a run of ``cfg`` asks of the statistics pass (None: nothing)."""
+    """What a run of ``method`` on these streams asks of the statistics pass (None: nothing)."""
     request = method.statistics()
     if request is None:
         return None
-    return stats_need(request, model, data, method.stream_plans(data, fs, cfg.unlearn), tcfg, method.trainable(adapter))
+    return stats_need(request, model, data, plans, tcfg, method.trainable(adapter))
 
 
 def warm_stats(runs: Sequence[tuple[Config, ForgetSet]], model: Path, data: str | Path, work_parent: Path,
@@ -181,8 +181,12 @@ def warm_stats(runs: Sequence[tuple[Config, ForgetSet]], model: Path, data: str 
     their settings allow, so that they find them cached instead of each measuring its own.
     Returns the parts each pass measured."""
     adapter = ModelAdapter.load(model)
-    needs = [need for cfg, fs in runs
-             if (need := run_need(cfg, method_for(cfg.unlearn), model, data, fs, unlearn_train_config(cfg), adapter))]
+    needs = []
+    for cfg, fs in runs:
+        method = method_for(cfg.unlearn)
+        plans = method.stream_plans(data, fs, cfg.unlearn)
+        need = run_need(method, model, data, plans, unlearn_trainer(cfg, model, data, plans), adapter)
+        needs += [need] if need else []
     work = Path(tempfile.mkdtemp(prefix=".stats-", dir=work_parent))
     try:
         return measure_stats(needs, data, work, stats_cache(root))

@@ -34,7 +34,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.common import parse, parser, resolve_config, run_main
-from pipelines.evaluate import cached_evaluation
+from pipelines.evaluate import cached_evaluation, with_lookalikes
 from pipelines.runtime import embedded_cpus, init_ray
 from pipelines.stats import warm_stats
 from pipelines.tracking import experiment_id, git_sha, resolved, tracking_uri
@@ -42,7 +42,7 @@ from pipelines.tune_search import make_tuner
 from pipelines.tune_trial import Study, overrides
 from vkd.config import Config, ConfigError, cache_root, load_config
 from vkd.data.layout import forget_set, load_meta
-from vkd.metrics import MC_KEYS
+from vkd.metrics import KEYS
 from vkd.model import resolve_model
 from vkd.probe import Probe, ProbeSpec
 from vkd.study import SearchSpace, load_space
@@ -114,7 +114,7 @@ def trial_rows(space: SearchSpace, grid, out: Path, last_report: int) -> list[di
                "seconds": p["seconds"]}
         if done and "objective" in m:
             row.update({k: m[k] for k in ("objective", "forgetting", "preservation")})
-            row.update({k: m.get(f"eval/{k}") for k in MC_KEYS})
+            row.update({k: m.get(f"eval/{k}") for k in KEYS})
         elif "objective" in m:  # a rung's figures (on a sample, mid-run): not comparable with a finished trial's
             row["last_rung"] = f"step {m.get('step', '?')}: objective {m['objective']:.3f}"
         rows.append(row)
@@ -148,7 +148,7 @@ def _study(cfg: Config, space: SearchSpace, model: str, data: Path, forget: str,
         base.ray.num_cpus = max(base.ray.num_cpus, embedded_cpus(base.train.workers, base.train.cpus_per_worker,
                                                                  space.concurrency))
     init_ray(base.ray.num_cpus)
-    fs = forget_set(load_meta(data), forget)
+    fs, _ = with_lookalikes(base_model, data, forget_set(load_meta(data), forget), base.eval.lookalikes, cache_root())
     before, _ = cached_evaluation(base_model, data, fs, base.eval, cache_root())
     sample_before = None
     if space.reports > 1 and not any(name.startswith("eval.") for name in space.parameters):
@@ -180,7 +180,7 @@ def _finish(base: Config, space: SearchSpace, out: Path, rows: list[dict[str, An
     if best is not None:
         load_config(out / "base.yaml", overrides({k: best[k] for k in space.parameters})).save(out / "best.yaml")
         paths.append(out / "best.yaml")
-        for k in ("objective", "forgetting", "preservation", *MC_KEYS):
+        for k in ("objective", "forgetting", "preservation", *KEYS):
             if best.get(k) is not None:
                 client.log_metric(parent, f"best/{k}", best[k])
     trial_seconds = sum(r["seconds"] or 0.0 for r in rows)

@@ -10,6 +10,7 @@ masks); train on the one trainer; evaluate again; record both evaluations, the r
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -22,12 +23,13 @@ from typing import Any, Sequence
 import mlflow
 
 from pipelines.common import parse, parser, refuse_existing, resolve_config, run_main
-from pipelines.evaluate import cached_evaluation, evaluate_on_ray
+from pipelines.evaluate import cached_evaluation, evaluate_on_ray, with_lookalikes
+from pipelines.relearn import RelearnResult, relearn_attack
 from pipelines.runtime import init_ray
 from pipelines.stats import cached_stats, run_need
 from pipelines.tracking import log_model, stage_run, tracking_uri
-from pipelines.train import Rungs, Tracking, TrainJob, run_training, starts_mid_way, train_dataset
-from vkd.config import Config, cache_root
+from pipelines.train import Rungs, Tracking, TrainJob, run_training, starts_mid_way, train_dataset, unlearn_trainer
+from vkd.config import Config, TrainConfig, cache_root
 from vkd.data.layout import ForgetSet, forget_set, load_meta
 from vkd.data.streams import RowPlan
 from vkd.methods import METHODS, Method, method_for
@@ -36,7 +38,7 @@ from vkd.model import ModelAdapter, resolve_model
 from vkd.probe import ProbeSpec
 from vkd.report import write_report
 from vkd.study import objective
-from vkd.train import items_drawn, unlearn_train_config
+from vkd.train import items_drawn
 
 
 @dataclass
@@ -74,6 +76,7 @@ class UnlearnOptions:
     before: dict[str, float] | None = None   # the starting model's scores, when the caller has them
     score_in_trainer: bool = False           # final scores on the trainer's rank 0 (multiple choice), not Ray Data
     trial: TrialHooks | None = None
+    lookalikes: dict[str, list[str]] = field(default_factory=dict)   # each forget entity's (forget.lookalikes: all)
 
 
 @dataclass
@@ -89,17 +92,20 @@ class UnlearnResult:
     run_id: str
     registered_name: str
     version: int | None = None
+    relearn: RelearnResult | None = None       # the relearning attack on the result (unlearn.relearn)
 
 
 def options(cfg: Config, model: str | Path, data: str | Path, forget: str | ForgetSet, out: str | Path,
             cache: str | Path | None = None, **fields: Any) -> UnlearnOptions:
     """``UnlearnOptions`` from what a command line gives: the model resolved (``tiny``
-    built), the forget split resolved, paths absolute (workers run elsewhere)."""
+    built), the forget split resolved with the lookalikes the starting model sees, paths
+    absolute (workers run elsewhere)."""
     data = Path(data).resolve()
     cache = Path(cache or cache_root()).resolve()
-    fs = forget_set(load_meta(data), forget)
-    return UnlearnOptions(cfg=cfg, model=resolve_model(model, cfg.model, data, cache), data=data, forget=fs,
-                          out=Path(out).resolve(), cache=cache, **fields)
+    model = resolve_model(model, cfg.model, data, cache)
+    fs, table = with_lookalikes(model, data, forget_set(load_meta(data), forget), cfg.eval.lookalikes, cache)
+    return UnlearnOptions(cfg=cfg, model=model, data=data, forget=fs, out=Path(out).resolve(), cache=cache,
+                          lookalikes=table, **fields)
 
 
 @dataclass
@@ -113,17 +119,17 @@ class Prepared:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare(opts: UnlearnOptions, method: Method, work: Path) -> Prepared:
+def prepare(opts: UnlearnOptions, method: Method, plans: dict[str, RowPlan], tcfg: TrainConfig,
+            work: Path) -> Prepared:
     """The statistics pass the method needs (cached) and what the method makes of it."""
-    tcfg = unlearn_train_config(opts.cfg)
     adapter = ModelAdapter.load(opts.model)
-    need = run_need(opts.cfg, method, opts.model, opts.data, opts.forget, tcfg, adapter)
+    need = run_need(method, opts.model, opts.data, plans, tcfg, adapter)
     if need is None:
         return Prepared(str(opts.model))
     start = time.perf_counter()
     stats, measured = cached_stats(need, opts.data, work, opts.cache)
     figures = {"stats_seconds": time.perf_counter() - start, "stats_measured": ",".join(measured) or "none (cached)"}
-    prep = method.prepare(adapter, stats, method.trainable(adapter))
+    prep = method.prepare(adapter, stats, method.trainable(adapter), opts.cfg.unlearn.seed)
     model_path = str(opts.model)
     if prep.pruned is not None:
         adapter.save(work / "pruned")
@@ -132,12 +138,11 @@ def prepare(opts: UnlearnOptions, method: Method, work: Path) -> Prepared:
     return Prepared(model_path, masks, teacher, prep.pruned, {**figures, **prep.figures})
 
 
-def train_job(opts: UnlearnOptions, method: Method, plans: dict[str, RowPlan], prepared: Prepared,
-              before: dict[str, float], run_id: str) -> tuple[TrainJob, dict[str, Any]]:
+def train_job(opts: UnlearnOptions, method: Method, plans: dict[str, RowPlan], tcfg: TrainConfig,
+              prepared: Prepared, before: dict[str, float], run_id: str) -> tuple[TrainJob, dict[str, Any]]:
     """The trainer's job and its datasets. A resumed run's streams start after what the steps
     before it drew: cut off, or passed over in the run when too large to start mid-way."""
     cfg, trial = opts.cfg, opts.trial
-    tcfg = unlearn_train_config(cfg)
     resume = trial.rungs.resume if trial and trial.rungs else 0
     drawn = resume * tcfg.batch_size * tcfg.grad_accum
     cut = {s: drawn if starts_mid_way(opts.data, plans[s]) else 0 for s in method.streams}
@@ -158,22 +163,28 @@ def train_job(opts: UnlearnOptions, method: Method, plans: dict[str, RowPlan], p
 
 
 def record(opts: UnlearnOptions, method: Method, run: Any, before: dict[str, float], after: dict[str, float],
-           n_after: dict[str, int], prepared: Prepared, seconds: float) -> UnlearnResult:
+           n_after: dict[str, int], prepared: Prepared, seconds: float,
+           attack: RelearnResult | None = None) -> UnlearnResult:
     """metrics.json, the config and the pruning in the model folder; both evaluations, the
-    figures and the report in MLflow; the model logged and registered (or its weights
-    dropped, a tune trial's)."""
+    lookalikes, the relearning attack, the figures and the report in MLflow; the model
+    logged and registered (or its weights dropped, a tune trial's)."""
     cfg, out, bench = opts.cfg, opts.out, load_meta(opts.data).name
     cfg.save(out / "vkd_config.yaml")
     if prepared.pruned is not None:  # {neuron module: pruned input channels}, kept at zero through training
         (out / "pruning.json").write_text(json.dumps(prepared.pruned, indent=1))
     scores = objective(before, after)
-    (out / "metrics.json").write_text(json.dumps({"before": before, "after": after}, indent=1, sort_keys=True))
-    figures = {**prepared.figures, "unlearn_seconds": seconds, **scores}
+    relearn = attack.to_dict() if attack else None
+    (out / "metrics.json").write_text(json.dumps({"before": before, "after": after, "lookalikes": opts.lookalikes,
+                                                  "relearn": relearn}, indent=1, sort_keys=True))
+    figures = {**prepared.figures, "unlearn_seconds": seconds, **scores, **(attack.gaps if attack else {})}
     scalars = {k: v for k, v in figures.items() if isinstance(v, (int, float))}
     mlflow.log_metrics({f"before/{k}": v for k, v in before.items()})
     mlflow.log_metrics({f"after/{k}": v for k, v in after.items()})
     mlflow.log_metrics({k: float(v) for k, v in scalars.items()})
-    for path in write_report(out, f"{method.name} on {opts.forget.name} of {bench}", before, after, scalars):
+    if opts.forget.lookalikes:
+        mlflow.set_tag("lookalikes", ",".join(opts.forget.lookalikes))
+    title = f"{method.name} on {opts.forget.name} of {bench}"
+    for path in write_report(out, title, before, after, scalars, opts.lookalikes, relearn):
         mlflow.log_artifact(str(path), artifact_path="report")
     name = f"vkd-{bench}-unlearned"
     version = None
@@ -184,7 +195,7 @@ def record(opts: UnlearnOptions, method: Method, run: Any, before: dict[str, flo
         for f in out.glob("*.safetensors"):
             f.unlink()
     return UnlearnResult(method.name, out, before, after, n_after, scores, seconds, figures, run.info.run_id, name,
-                         version)
+                         version, attack)
 
 
 def run_unlearn(opts: UnlearnOptions) -> UnlearnResult:
@@ -193,6 +204,7 @@ def run_unlearn(opts: UnlearnOptions) -> UnlearnResult:
     cfg, fs = opts.cfg, opts.forget
     method = method_for(cfg.unlearn)
     plans = method.stream_plans(opts.data, fs, cfg.unlearn)
+    tcfg = unlearn_trainer(cfg, opts.model, opts.data, plans)  # max_length fitted here, before any worker
     init_ray(cfg.ray.num_cpus)
     trial = opts.trial
     tags = {"benchmark": load_meta(opts.data).name, "forget": fs.name, "method": method.name,
@@ -204,18 +216,22 @@ def run_unlearn(opts: UnlearnOptions) -> UnlearnResult:
                        run_id=trial.run_id if resumed else None) as run:
             before = opts.before or cached_evaluation(opts.model, opts.data, fs, cfg.eval, opts.cache)[0]
             start = time.perf_counter()
-            prepared = prepare(opts, method, work)
-            job, datasets = train_job(opts, method, plans, prepared, before, run.info.run_id)
+            prepared = prepare(opts, method, plans, tcfg, work)
+            prepared.figures["max_length"] = tcfg.max_length
+            job, datasets = train_job(opts, method, plans, tcfg, prepared, before, run.info.run_id)
             result = run_training(job, datasets, storage=work / "ray", callbacks=trial.callbacks if trial else None,
                                   report_to_tune=bool(trial and trial.report_to_tune))
             seconds = time.perf_counter() - start
+            prepared.figures.update({k: result.metrics[k] for k in ("seconds_per_step", "peak_gpu_gib")
+                                     if k in result.metrics})
             if job.probe is not None:
                 after = {k[len("eval/"):]: v for k, v in result.metrics.items() if k.startswith("eval/")}
                 n_after: dict[str, int] = {}
             else:
                 results = evaluate_on_ray(opts.out, opts.data, fs, cfg.eval)
-                after, n_after = aggregate(results), counts(results)
-            return record(opts, method, run, before, after, n_after, prepared, seconds)
+                after, n_after = aggregate(results, fs.lookalikes), counts(results, fs.lookalikes)
+            attack = relearn_attack(cfg, opts.out, opts.data, fs, work) if cfg.unlearn.relearn else None
+            return record(opts, method, run, before, after, n_after, prepared, seconds, attack)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -227,14 +243,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--forget", required=True, help="forget_5 | forget_10 | forget_15")
     p.add_argument("--method", help=f"{' | '.join(METHODS.names())} (default: the config's unlearn.method)")
     p.add_argument("--out", required=True, help="folder for the unlearned model (must not exist)")
+    p.add_argument("--relearn", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the relearning attack on the result and record its gaps (default: unlearn.relearn)")
     args = parse(p, argv)
-    cfg = resolve_config(args, {"unlearn": {"method": args.method}})
+    cfg = resolve_config(args, {"unlearn": {"method": args.method, "relearn": args.relearn}})
     refuse_existing(args.out, overwrite=False)
     r = run_unlearn(options(cfg, args.model, args.data, args.forget, args.out))
     print(format_table(r.after, r.counts, {"before": r.before, "after": r.after}))
     print(f"study objective {r.objective['objective']:.4f} (forgetting {r.objective['forgetting']:.3f}, "
           f"preservation {r.objective['preservation']:.3f}; vkd.study.objective)")
     print(f"{r.method}: unlearned in {r.seconds:.0f} s -> {r.model}; report: {r.model}/report.md")
+    if r.relearn:
+        print(f"relearning attack ({len(r.relearn.folds)} over {r.relearn.mode}): "
+              + ", ".join(f"{k} {v:+.3f}" for k, v in r.relearn.gaps.items()))
     if r.version:
         print(f"MLflow run {r.run_id}, registered {r.registered_name} version {r.version}")
 

@@ -9,18 +9,19 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import mlflow
 
 from pipelines.common import parse, parser, refuse_existing, resolve_config, run_main
-from pipelines.evaluate import cached_evaluation
+from pipelines.evaluate import cached_evaluation, with_lookalikes
 from pipelines.runtime import init_ray
 from pipelines.tracking import log_model, stage_run, tracking_uri
-from pipelines.train import Tracking, TrainJob, run_training, train_datasets
+from pipelines.train import Tracking, TrainJob, finetune_plans, fitted, run_training, train_datasets
 from vkd.config import Config, cache_root
-from vkd.data.layout import TRAIN_SPLIT, load_meta, read_rows
+from vkd.data.layout import TRAIN_SPLIT, forget_set, load_meta, read_rows
 from vkd.methods import FineTune, FineTuneConfig
 from vkd.metrics import format_table
 from vkd.model import resolve_model
@@ -42,22 +43,25 @@ def run_vanilla(cfg: Config, data: str | Path, out: str | Path, model: str = "ti
     base = resolve_model(model, cfg.model, data, cache)
     n_items = count_train_items(data, cfg.train.turns)
     total = steps_for(n_items, cfg.train)
+    train = fitted(cfg.train, base, data, finetune_plans(data, cfg.train).values())  # before any worker starts
+    cfg = replace(cfg, train=train)
     init_ray(cfg.ray.num_cpus)
     tags = {"benchmark": meta.name, "entities": str(len(meta.entities)), "data": str(Path(data).resolve())}
     figures: dict[str, Any] = {"model": str(out), "steps": total, "items": n_items}
     with stage_run(cfg, "vanilla", tags) as run:
-        job = TrainJob(model_path=str(base), out_dir=str(out.resolve()), cfg=cfg.train, total_steps=total,
-                       method=FineTune(FineTuneConfig(trainable=cfg.train.trainable)),
+        job = TrainJob(model_path=str(base), out_dir=str(out.resolve()), cfg=train, total_steps=total,
+                       method=FineTune(FineTuneConfig(trainable=train.trainable)),
                        tracking=Tracking(tracking_uri(cfg.mlflow), run.info.run_id), name="vanilla")
         start = time.perf_counter()
-        run_training(job, train_datasets(data, str(base), cfg.train), storage=out.parent / ".ray_train")
+        run_training(job, train_datasets(data, str(base), train), storage=out.parent / ".ray_train")
         figures["train_seconds"] = time.perf_counter() - start
         cfg.save(out / "vkd_config.yaml")
         mlflow.log_metrics({"train_seconds": figures["train_seconds"], "train_items": n_items, "train_steps": total})
         print(f"trained {total} steps on {n_items} sequences in {figures['train_seconds']:.0f} s -> {out}")
         if evaluate:
-            # cached: an unlearning run from this model finds its "before" evaluation done
-            figures["metrics"], figures["counts"] = cached_evaluation(out, data, forget, cfg.eval, cache)
+            # cached: an unlearning run from this model finds its lookalikes and "before" evaluation done
+            fs, _ = with_lookalikes(out, data, forget_set(meta, forget), cfg.eval.lookalikes, cache)
+            figures["metrics"], figures["counts"] = cached_evaluation(out, data, fs, cfg.eval, cache)
             mlflow.log_metrics({f"eval/{k}": v for k, v in figures["metrics"].items()})
             (out / "metrics.json").write_text(json.dumps(figures["metrics"], indent=1, sort_keys=True))
         name = f"vkd-{meta.name}-vanilla"

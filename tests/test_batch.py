@@ -41,6 +41,11 @@ def test_the_shipped_demo_manifest_is_valid(tmp_path):
     m = load_manifest(ROOT / "configs" / "batch_demo.yaml", data=str(tmp_path / "demo"))
     assert len(m.requests) == 3 and m.requests[0].entities == ["0001"]  # a name resolved to its ID
     assert m.request_config(m.requests[2]).unlearn.method == "gd"
+    # the manifest names the folder `make demo` prepares from configs/demo.yaml
+    from vkd.cache import digest
+
+    shipped = yaml.safe_load((ROOT / "configs" / "batch_demo.yaml").read_text())["data"]
+    assert shipped == f"runs/demo/data-{digest(dataclasses.asdict(load_config(ROOT / 'configs' / 'demo.yaml').benchmark))}"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -93,14 +98,17 @@ def test_ray_job_submit_stop_and_resubmit_does_each_request_once(small_data, tin
     config = {"model": dataclasses.asdict(SMALL_MODEL), "train": {"max_length": 96, "workers": 1},
               # gradient ascent: no statistics pass, the cheapest real unlearning run (VKD has its own tests)
               "unlearn": {"method": "ga", "steps": 3, "lr": 5e-3, "batch_size": 4, "retain_rows": 12},
-              "eval": {"retain_entities": 2, "generation": False, "max_rows": 2, "references": 3, "actors": 1},
+              "eval": {"retain_entities": 2, "generation": False, "max_rows": 2, "references": 3, "actors": 1,
+                       "retain_test_entities": 1, "lookalikes": 1},
+              "relearn": {"steps": 2, "batch_size": 4},  # every request runs the attack (a short one here)
               "mlflow": {"sqlite_file": str(tmp_path / "mlflow.db"), "artifact_dir": str(tmp_path / "mlruns")}}
     _write(tmp_path / "run.yaml", config)
     manifest = _write(tmp_path / "batch.yaml", {
         "model": str(tiny_path), "data": str(small_data), "config": str(tmp_path / "run.yaml"), "concurrency": 2,
         "requests": [{"id": "first", "entities": ["0001"]},
                      {"id": "second", "entities": ["0002", "0003"], "overrides": {"unlearn.lr": 1.0e-3}},
-                     {"id": "third", "entities": ["0004"], "accept": {"retain_vqa_min": 1.01}}]})
+                     {"id": "third", "entities": ["0004"],
+                      "accept": {"retain_vqa_min": 1.01, "relearn_ag_max": -1.5}}]})  # a gap is never below -1
     out = tmp_path / "out"
     port, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
@@ -179,6 +187,8 @@ def test_ray_job_submit_stop_and_resubmit_does_each_request_once(small_data, tin
         assert all(len(v) == 1 for v in by_request.values()), {k: len(v) for k, v in by_request.items()}
         third = by_request["third"][0].data.tags
         assert third["decision"] == "rejected" and "retain_vqa" in third["reason"] and "min 1.01" in third["reason"]
+        assert "relearn_ag" in third["reason"] and "> max -1.5" in third["reason"], third["reason"]
+        assert all("relearn_ag" in r[0].data.metrics for r in by_request.values()), "every request ran the attack"
         versions = mlflow.search_model_versions("name = 'vkd-synthetic-unlearned'")
         hashes = [v.tags.get("request_hash") for v in versions]
         assert len(hashes) == len(set(hashes)), "a request registered twice"

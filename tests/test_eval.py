@@ -51,7 +51,7 @@ def test_shared_prompt_scores_equal_one_sequence_per_option(small_data, tiny, mo
 
     from vkd.scoring import _options_logp, item_images
 
-    items = eval_items(small_data, "forget_15", limit=2, generation=False)
+    items = [it for it in eval_items(small_data, "forget_15", limit=2, generation=False) if it["task"] == "mc"]
     for has_image in (True, False):
         group = [it for it in items if (it["image"] is not None) == has_image][:4]
         questions, images = [it["question"] + " Really?" * k for k, it in enumerate(group)], item_images(group)
@@ -124,7 +124,7 @@ def test_untrained_model_is_at_chance_on_the_demo_benchmark(demo_config, tmp_pat
     adapter = ModelAdapter.load(resolve_model("tiny", demo_config.model, data, tmp_path_factory.mktemp("m")))
     retain_sample = set(load_meta(data).splits["retain_90"][:15])  # the retain keys hold many entities
     items = [it for it in eval_items(data, "forget_10", limit=30, generation=False)  # 30 of 60 per row, spread
-             if not it["key"].startswith("retain") or it["entity"] in retain_sample]
+             if it["task"] == "mc" and (not it["key"].startswith("retain") or it["entity"] in retain_sample)]
     metrics = aggregate(evaluate_items(adapter, items, reference_images(data, "forget_10", demo_config.eval.references),
                                         batch_size=64))
     assert set(metrics) == set(MC_KEYS)
@@ -166,8 +166,6 @@ def test_cli_bad_input_is_one_clear_line(small_data, tmp_path):
 def test_a_rung_of_a_visual_only_run_scores_what_a_full_rung_scores(small_data, tiny_path):
     """The rungs of a run that trains the visual module alone take the text-only keys from the
     starting model: with the vision tower changed, they match a rung that scores every key."""
-    import dataclasses
-
     import torch
 
     from vkd.config import EvalConfig

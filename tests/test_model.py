@@ -68,6 +68,39 @@ def test_qwen2_vl_groups_by_its_own_module_names():
     assert groups["projector"] and all(".merger." in n for n in groups["projector"])
     assert groups["vision"] and not any(".merger." in n for n in groups["vision"])
     assert any(n.startswith("model.language_model.") for n in groups["llm"]) and "lm_head.weight" in groups["llm"]
+    # every block of its vision tower feeds the merger: the LLM sees all of it
+    assert ModelAdapter(model, _Processor()).unseen_visual() == frozenset()
+
+
+class _Processor:
+    """Enough of a processor for an adapter that only looks at the model's parameters."""
+    class tokenizer:
+        pad_token_id = 0
+
+
+def test_the_layers_after_the_vision_feature_layer_are_never_trained_or_pruned(small_data):
+    """A llava-1.5-shaped model (its projector takes the second-to-last vision layer): that
+    last layer and the post layer norm are unseen, so VKD neither trains nor prunes them,
+    and vision_layers counts from the feature layer down."""
+    import dataclasses
+
+    from vkd.methods import method_for
+    from vkd.config import UnlearnConfig
+    from vkd.model import build_tiny
+    from vkd.saliency import neuron_modules
+
+    cfg = dataclasses.replace(SMALL_MODEL, vision_layers=3, feature_layer=-2, chat_template="llava-1.5")
+    adapter = build_tiny(cfg, ["the texts of a tokenizer"] * 20, 32)
+    last = adapter.family.vision_layers + "2."
+    unseen = adapter.unseen_visual()
+    assert {n for n in unseen if not n.startswith(last)} == {"model.vision_tower.post_layernorm.weight",
+                                                              "model.vision_tower.post_layernorm.bias"}
+    assert all(n in unseen for n, _ in adapter.model.named_parameters() if n.startswith(last))
+    vkd = method_for(UnlearnConfig().with_method("vkd", vision_layers=1))
+    trained = vkd.trainable(adapter)
+    assert not set(trained) & unseen and any(n.startswith(adapter.family.vision_layers + "1.") for n in trained)
+    assert not any(n.startswith((adapter.family.vision_layers + "0.", last)) for n in trained)
+    assert not any(n.startswith(last) for n in neuron_modules(adapter))
 
 
 def test_unsupported_and_missing_models_are_clear_errors(tmp_path, small_data):

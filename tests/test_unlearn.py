@@ -321,3 +321,42 @@ def test_the_relearning_attack_holds_entities_out():
     assert len(attack_split(ids, 0.99, seed=0)[1]) == 1  # at least one entity stays held out
     with pytest.raises(ConfigError, match="relearn.fraction"):
         attack_split(ids, 1.0, seed=0)
+
+
+def test_vkd_in_feature_space_draws_the_forget_pictures_to_the_generic_person_without_the_llm(small_data, tiny_path):
+    """forget_loss generic, no retain cross-entropy: a step runs the visual module alone (the
+    LLM never runs); the forget pictures' features move to the generic person's (the mean of
+    the retain pictures'), the retain pictures' stay the teacher's."""
+    from vkd.methods.vkd import GENERIC
+
+    adapter = ModelAdapter.load(tiny_path)
+    forget, retain = _batches(small_data, adapter, set(load_meta(small_data).entity_ids("forget_10")))
+    feats = visual_features(adapter, retain.inputs["pixel_values"], [])
+    table = {int(k): {n: f[i] for n, f in feats.items()} for i, k in enumerate(retain.image_keys)}
+    table[GENERIC] = {"projector": feats["projector"].mean(0)}
+    method = _vkd(forget_loss="generic", retain_weight=0.0, beta=10.0)
+    assert method.visual_only
+    ctx = StepContext(adapter=adapter, teacher=table)
+    calls = []
+    hook = adapter.model.model.language_model.register_forward_hook(lambda *_: calls.append(1))
+
+    def distances():
+        now = visual_features(adapter, torch.cat([forget.inputs["pixel_values"], retain.inputs["pixel_values"]]), [])
+        n = forget.inputs["pixel_values"].shape[0]
+        return (float(feature_distance(now["projector"][:n], table[GENERIC]["projector"].expand_as(now["projector"][:n]),
+                                       "mse")),
+                float(feature_distance(now["projector"][n:], feats["projector"], "mse")))
+
+    start = distances()
+    params = [p for n, p in adapter.model.named_parameters() if n in set(method.trainable(adapter))]
+    opt = torch.optim.Adam(params, lr=2e-3)
+    for _ in range(10):
+        loss, figures = method.loss(adapter.model, {"forget": forget, "retain": retain}, ctx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    hook.remove()
+    end = distances()
+    assert not calls, "the LLM ran in a feature-space step"
+    assert end[0] < 0.5 * start[0], (start, end)
+    assert end[1] < 0.1 * start[0], (start, end)  # the retain pictures stay near the teacher's

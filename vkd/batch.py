@@ -19,10 +19,13 @@ CSV columns: ``id, entities, method, overrides, accept``; entities separated by 
 overrides and accept as ``key=value`` pairs separated by ``;``; model, data, config, mode
 come from the command line.
 
-Acceptance thresholds name a multiple-choice key (forget_vqa, test_vqa, forget_qa,
-retain_vqa, retain_qa) and a bound: ``_max`` and ``_min`` on the unlearned model's score,
-``_min_ratio`` on its score over the starting model's. A request whose result misses one is
-rejected and its model is not registered.
+Acceptance thresholds name a key of ``vkd.metrics.KEYS`` (forget_vqa, test_vqa, forget_qa,
+retain_vqa, retain_qa, retain_test_vqa, lookalike_vqa, lookalike_test_vqa and their ``_gen``
+twins) and a bound: ``_max`` and ``_min`` on the unlearned model's score, ``_min_ratio`` on
+its score over the starting model's; or a relearning gap (relearn_ag, relearn_test_ag and
+their ``_gen`` twins: every request runs the attack unless ``unlearn.relearn`` is false)
+with ``_max`` or ``_min``. A request whose result misses one is rejected and its model is
+not registered.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import yaml
 from vkd.cache import digest
 from vkd.config import Config, ConfigError, load_config, override
 from vkd.data.layout import BenchmarkError, load_meta
-from vkd.metrics import MC_KEYS
+from vkd.metrics import KEYS, RELEARN_KEYS
 from vkd.registry import UnknownName
 
 MODES = ("independent", "sequential")
@@ -75,8 +78,9 @@ class Manifest:
         return sorted({e for r in self.requests for e in r.entities})
 
     def request_config(self, request: Request) -> Config:
-        """The request's resolved config: the config file, the defaults, its method and overrides."""
-        fields = {**self.defaults, **request.overrides}
+        """The request's resolved config: the config file, the defaults, its method and
+        overrides. The relearning attack runs on every request unless they turn it off."""
+        fields = {"unlearn.relearn": True, **self.defaults, **request.overrides}
         if request.method:
             fields["unlearn.method"] = request.method
         return load_config(self.config, [override(k, v) for k, v in fields.items()])
@@ -102,10 +106,12 @@ def check_result(accept: dict[str, float], before: dict[str, float], after: dict
 
 def _split_threshold(name: str) -> tuple[str, str]:
     for kind in ("min_ratio", "max", "min"):
-        if name.endswith("_" + kind) and name[:-len(kind) - 1] in MC_KEYS:
-            return name[:-len(kind) - 1], kind
+        key = name[:-len(kind) - 1]
+        if name.endswith("_" + kind) and (key in KEYS or (key in RELEARN_KEYS and kind != "min_ratio")):
+            return key, kind
     raise ConfigError(f"threshold {name!r}: write <key>_max, <key>_min or <key>_min_ratio with a key among "
-                      f"{', '.join(MC_KEYS)}")
+                      f"{', '.join(KEYS)}, or <gap>_max or <gap>_min with a relearning gap among "
+                      f"{', '.join(RELEARN_KEYS)}")
 
 
 def _pairs(text: str, where: str) -> dict[str, Any]:
@@ -236,7 +242,8 @@ def _request(req: Any, where: str, meta: Any, manifest: Manifest, seen: dict[str
             _split_threshold(name)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
-        if not isinstance(bound, (int, float)) or isinstance(bound, bool) or bound < 0:
+        gap = _split_threshold(name)[0] in RELEARN_KEYS  # a gap may be negative; a score may not
+        if not isinstance(bound, (int, float)) or isinstance(bound, bool) or (bound < 0 and not gap):
             raise ConfigError(f"{where}: threshold {name} must be a non-negative number, got {bound!r}")
     request = Request(id=rid, entities=entities, method=req.get("method"), overrides=overrides,
                       accept={k: float(v) for k, v in accept.items()}, where=where)

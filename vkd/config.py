@@ -60,6 +60,9 @@ class ModelConfig(Section):
     text_heads: int = option(4, "LLM attention heads", low=1)
     text_intermediate: int = option(512, "LLM MLP width", low=8)
     projector_act: str = option("gelu", "projector activation", choices=("gelu", "relu", "silu"))
+    feature_layer: int = option(-1, "vision layer whose output the projector takes (-1: the last; llava-1.5: -2)")
+    chat_template: str = option("plain", "prompt format: plain (Question: ... Answer:) or llava-1.5's chat template",
+                                choices=("plain", "llava-1.5"))
     max_positions: int = option(512, "LLM position limit", low=16)
 
 
@@ -77,6 +80,11 @@ class EvalConfig(Section):
     references: int = option(8, "other entities' images that image questions are calibrated against", low=1)
     retain_entities: int = option(0, "retain entities scored, evenly spaced (0: all); the forget side is always whole",
                                   low=0)
+    max_gen: int = option(12, "short open questions (the *_gen keys) per row and key, evenly spaced (0: all)", low=0)
+    retain_test_entities: int = option(12, "retain entities whose unseen images are scored (retain_test_*), evenly "
+                                           "spaced (0: none); the lookalikes always are", low=0)
+    lookalikes: int = option(2, "retain entities nearest each forget entity by the starting model's image features "
+                                "(lookalike_*; 0: none)", low=0)
 
 
 @dataclass
@@ -96,7 +104,8 @@ class TrainConfig(Section):
     epochs: float = option(3.0, "passes over the training sequences (max_steps overrides)", above=0)
     align_steps: int = option(0, "first steps on naming pairs alone (picture -> who it is), within the total", low=0)
     max_steps: int = option(0, "optimizer steps (0: from epochs)", low=0)
-    max_length: int = option(128, "tokens per sequence, image tokens included", low=8)
+    max_length: int = option(0, "tokens per sequence, image tokens included (0: from the model and the data, the "
+                                "longest sequence; checked before any worker starts)", low=0)
     turns: int = option(1, "question-answer pairs of a row per sequence (multi-turn, as LLaVA trains)", low=1)
     shuffle_buffer: int = option(2048, "rows in each worker's local shuffle buffer", low=0)
     trainable: str = option("all", "what fine-tuning trains: all, or visual (vision tower + projector)",
@@ -119,6 +128,7 @@ class UnlearnConfig(Section):
     batch_size: int = option(8, "per worker and stream: a forget and a retain batch per step", low=1)
     retain_rows: int = option(600, "retain-entity training rows sampled for D_r (0: all of them)", low=0)
     seed: int = option(0, "seed of the streams, the retain sample and the trainer")
+    relearn: bool = option(False, "run the relearning attack (the relearn section) on the result and record its gaps")
     sections: dict[str, Any] = option(factory=dict, help="unlearn.<method>: each method's own settings")
 
     def check(self) -> None:
@@ -183,6 +193,7 @@ class RelearnConfig(Section):
     steps: int = option(40, "optimizer steps of the attack", low=1)
     lr: float = option(5e-4, "the attack's learning rate", above=0)
     batch_size: int = option(8, "the attack's micro-batch per worker", low=1)
+    folds: int = option(1, "attacks, each on another share of the forget data; the gaps are their mean", low=1)
 
 
 @dataclass

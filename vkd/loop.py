@@ -22,7 +22,7 @@ from vkd.config import TrainConfig
 from vkd.data.streams import Ahead
 from vkd.methods.base import Method, StepContext
 from vkd.model import ModelAdapter
-from vkd.train import Batch, make_batch, trainable_names
+from vkd.train import Batch, make_batch
 
 
 @dataclass
@@ -129,8 +129,13 @@ class Throughput:
         elapsed = max(self.stamps[-1] - self.start, 1e-9)
         half = len(self.stamps) // 2
         steady = (len(self.stamps) - 1 - half) * self.per_step / max(self.stamps[-1] - self.stamps[half], 1e-9)
-        return {"samples_per_s": (step - self.seen) * self.per_step / elapsed, "steady_samples_per_s": steady,
-                "data_wait": self.waited / elapsed}
+        out = {"samples_per_s": (step - self.seen) * self.per_step / elapsed, "steady_samples_per_s": steady,
+               "data_wait": self.waited / elapsed,
+               "seconds_per_step": (self.stamps[-1] - self.stamps[half - 1]) / max(len(self.stamps) - half, 1)
+               if half else 0.0}
+        if torch.cuda.is_available():
+            out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
 
 
 def dangling_params(adapter: ModelAdapter, world: int) -> list[torch.nn.Parameter]:
@@ -139,8 +144,7 @@ def dangling_params(adapter: ModelAdapter, world: int) -> list[torch.nn.Paramete
     tower and projector, so those join each loss at weight 0 (one rank needs none)."""
     if world == 1:
         return []
-    visual = set(trainable_names(adapter, "visual"))
-    return [p for n, p in adapter.model.named_parameters() if p.requires_grad and n in visual]
+    return [p for g in ("vision", "projector") for _, p in adapter.param_groups()[g] if p.requires_grad]
 
 
 def train(run: Run, feed: Feed, callbacks: Sequence[Callback]) -> None:

@@ -23,6 +23,16 @@ from vkd.registry import Registry
 GROUPS = ("vision", "projector", "llm")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 PLAIN_PROMPT = "Question: {question}\nAnswer:"
+# The tiny model's prompt formats: none (PLAIN_PROMPT), or llava-1.5's chat template (llava-hf's, without its
+# generation markers): "USER: <image>\n{question} ASSISTANT:"
+CHAT_TEMPLATES = {
+    "plain": None,
+    "llava-1.5": ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+                  "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+                  "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', "
+                  "'text') %}{{ content['text'] + ' '}}{% endfor %}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"),
+}
 
 
 class ModelError(ValueError):
@@ -85,6 +95,7 @@ class ModelAdapter:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.chat = bool(getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None))
+        self._unseen: frozenset[str] | None = None
 
     # --- loading and saving ----------------------------------------------------------------
     @classmethod
@@ -114,12 +125,53 @@ class ModelAdapter:
         self.processor.save_pretrained(path)
         return path
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (inputs built here go there); the CPU without a model."""
+        if self.model is None:
+            return torch.device("cpu")
+        return next(self.model.parameters()).device
+
     # --- parameter groups ------------------------------------------------------------------
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in GROUPS}
         for name, param in self.model.named_parameters():
             groups[self.family.group_of(name)].append((name, param))
         return groups
+
+    def noise_images(self) -> dict[str, torch.Tensor]:
+        """Visual inputs of one noise picture at the vision tower's own size, as the model
+        takes them (no processor needed)."""
+        vc = self.config.vision_config
+        rng = torch.Generator().manual_seed(0)
+        if self.family.name == "qwen2_vl":  # flattened patches with their grid (t, h, w)
+            side = 2 * vc.spatial_merge_size
+            dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+            return {"pixel_values": torch.rand((side * side, dim), generator=rng),
+                    "image_grid_thw": torch.tensor([[1, side, side]])}
+        return {"pixel_values": torch.rand((1, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size),
+                                           generator=rng)}
+
+    def unseen_visual(self) -> frozenset[str]:
+        """Names of the visual parameters that nothing the LLM sees depends on (LLaVA's
+        vision layers after ``vision_feature_layer`` and its post layer norm): found once by
+        one backward pass from the image tokens of a noise picture, so it holds for any
+        family. They are never measured, pruned, trained or distilled."""
+        if self._unseen is None:
+            visual = [(n, p) for g in ("vision", "projector") for n, p in self.param_groups()[g]]
+            was = {n: p.requires_grad for n, p in visual}
+            for _, p in visual:
+                p.requires_grad_(True)
+                p.grad = None
+            inputs = self.noise_images()
+            inputs["pixel_values"] = inputs["pixel_values"].to(visual[0][1].dtype)
+            with torch.enable_grad():
+                self.image_features(**inputs).float().sum().backward()
+            self._unseen = frozenset(n for n, p in visual if p.grad is None or not bool(p.grad.any()))
+            for n, p in visual:
+                p.grad = None
+                p.requires_grad_(was[n])
+        return self._unseen
 
     def group_sizes(self) -> dict[str, int]:
         return {g: sum(p.numel() for _, p in ps) for g, ps in self.param_groups().items()}
@@ -179,7 +231,7 @@ class ModelAdapter:
             enc = self.processor(text=texts, images=list(images), return_tensors="pt", padding=True)
             mask = enc.pop("attention_mask")
             ids = [row[m.bool()].tolist() for row, m in zip(enc.pop("input_ids"), mask)]
-            extra = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+            extra = {k: v.to(self.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
         else:
             ids = [list(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
             extra = {}
@@ -207,7 +259,7 @@ class ModelAdapter:
             ids[i, sl] = torch.tensor(s)
             att[i, sl] = 1
             lab[i, sl] = torch.tensor(lb)
-        return {"input_ids": ids, "attention_mask": att, "labels": lab}
+        return {"input_ids": ids.to(self.device), "attention_mask": att.to(self.device), "labels": lab.to(self.device)}
 
 
 # --- the tiny model ------------------------------------------------------------------------
@@ -250,7 +302,7 @@ def build_tiny(cfg: ModelConfig, texts: Iterable[str], image_size: int) -> Model
     )
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=image_token_id, projector_hidden_act=cfg.projector_act,
-        vision_feature_select_strategy="default", vision_feature_layer=-1,
+        vision_feature_select_strategy="default", vision_feature_layer=cfg.feature_layer,
     )
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -264,6 +316,7 @@ def build_tiny(cfg: ModelConfig, texts: Iterable[str], image_size: int) -> Model
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+        chat_template=CHAT_TEMPLATES[cfg.chat_template],
     )
     return ModelAdapter(model, processor)
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from vkd.config import EvalConfig
-from vkd.data.items import eval_items, eval_plan, reference_images
+from vkd.data.items import eval_items, plan_for, reference_images
 from vkd.data.layout import ForgetSet
 from vkd.loop import Callback
 from vkd.metrics import aggregate
@@ -35,9 +35,9 @@ class ProbeSpec:
 
 
 class Probe:
-    """The items of ``spec.eval`` (its ``max_rows`` and ``retain_entities``; generation is
+    """The items of ``spec.eval`` (its samples and limits; the long open questions are
     skipped, the objective needs none) scored on a model, with the study objective against
-    ``before``. Results before the last step score every ``SAMPLE``-th item of each key
+    ``before`` (the lookalike keys of ``spec.forget``). Results before the last step score every ``SAMPLE``-th item of each key
     (cheap rungs for ASHA, the same items at every rung, against the starting model scored
     on those items); the last scores all."""
 
@@ -46,7 +46,7 @@ class Probe:
     def __init__(self, spec: ProbeSpec, text_fixed: bool = False):
         cfg = spec.eval
         self.items = eval_items(spec.data, spec.forget, cfg.max_rows, generation=False,
-                                plan=eval_plan(spec.data, spec.forget, cfg.retain_entities))
+                                plan=plan_for(spec.data, spec.forget, cfg), gen_limit=cfg.max_gen)
         self.references = reference_images(spec.data, spec.forget, cfg.references)
         self.before, self.batch_size = spec.before, cfg.batch_size
         by_key: dict[str, list[dict]] = {}
@@ -57,7 +57,7 @@ class Probe:
         # a run that trains the visual module alone cannot move a text-only answer: the
         # earlier rungs take those keys from the starting model (the last result scores them)
         self.rung_items = [it for it in self.sample if it["image"] is not None] if text_fixed else self.sample
-        self.start_model = spec.start_model
+        self.start_model, self.lookalikes = spec.start_model, spec.forget.lookalikes
         self.sample_before = spec.sample_before
 
     def start_scores(self) -> dict[str, float]:
@@ -69,7 +69,7 @@ class Probe:
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            scores = aggregate(evaluate_items(adapter, items, self.references, self.batch_size))
+            scores = aggregate(evaluate_items(adapter, items, self.references, self.batch_size), self.lookalikes)
         model.train(was_training)
         return scores
 

@@ -1,31 +1,47 @@
-"""The unlearning report: report.md (both evaluations, every key with its goal, and the
-run's figures) and report.png (the multiple-choice keys, starting model against unlearned)."""
+"""The unlearning report: report.md (both evaluations, every key with its goal, the
+lookalikes, the relearning attack and the run's figures) and report.png (the headline
+keys, starting model against unlearned)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from vkd.metrics import DIRECTIONS, MC_KEYS
-from vkd.study import CHANCE
+from vkd.metrics import DIRECTIONS, KEYS, MC_CHANCE
 
 
-def write_report(out: Path, title: str, before: dict[str, float], after: dict[str, float],
-                 figures: dict[str, Any]) -> list[Path]:
+def write_report(out: Path, title: str, before: dict[str, float], after: dict[str, float], figures: dict[str, Any],
+                 lookalikes: dict[str, list[str]] | None = None, relearn: dict[str, Any] | None = None) -> list[Path]:
     """report.md and report.png in ``out``; returns their paths."""
-    (out / "report.md").write_text(report_markdown(title, before, after, figures))
+    (out / "report.md").write_text(report_markdown(title, before, after, figures, lookalikes, relearn))
     plot_report(out / "report.png", title, before, after)
     return [out / "report.md", out / "report.png"]
 
 
-def report_markdown(title: str, before: dict[str, float], after: dict[str, float], figures: dict[str, Any]) -> str:
-    def fmt(v: float | None) -> str:
-        return f"{v:.3f}" if v is not None else ""
+def _fmt(v: float | None) -> str:
+    return f"{v:.3f}" if v is not None else ""
 
+
+def report_markdown(title: str, before: dict[str, float], after: dict[str, float], figures: dict[str, Any],
+                    lookalikes: dict[str, list[str]] | None = None, relearn: dict[str, Any] | None = None) -> str:
     lines = [f"# {title}", "", "| metric | goal | before | after | change |", "| --- | --- | --- | --- | --- |"]
     for key in sorted(set(before) | set(after)):
         b, a = before.get(key), after.get(key)
         change = f"{a - b:+.3f}" if a is not None and b is not None else ""
-        lines.append(f"| {key} | {DIRECTIONS.get(key, '')} | {fmt(b)} | {fmt(a)} | {change} |")
+        lines.append(f"| {key} | {DIRECTIONS.get(key, '')} | {_fmt(b)} | {_fmt(a)} | {change} |")
+    missing = [k for k in KEYS if k not in before]
+    if missing:
+        lines += ["", f"Not measured on this benchmark or evaluation: {', '.join(missing)}."]
+    if lookalikes:
+        lines += ["", "Lookalikes (the retain entities nearest each forget entity to the starting model):", ""]
+        lines += [f"- {e}: {', '.join(ids)}" for e, ids in sorted(lookalikes.items())]
+    if relearn:
+        lines += ["", f"## Relearning attack ({len(relearn['folds'])} over {relearn['mode']})", "",
+                  "| gap | mean | min | max |", "| --- | --- | --- | --- |"]
+        lines += [f"| {k} | {v:+.3f} | {relearn['spread'][k][0]:+.3f} | {relearn['spread'][k][1]:+.3f} |"
+                  for k, v in relearn["gaps"].items()]
+        lines += ["", "| held-out entity | " + " | ".join(relearn["gaps"]) + " |", "|" + " --- |" * (len(relearn["gaps"]) + 1)]
+        lines += [f"| {e} | " + " | ".join(f"{g.get(k, 0.0):+.3f}" for k in relearn["gaps"]) + " |"
+                  for e, g in sorted(relearn["per_entity"].items())]
     lines += ["", "| figure | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in figures.items()]
     return "\n".join(lines) + "\n"
@@ -37,15 +53,15 @@ def plot_report(path: Path, title: str, before: dict[str, float], after: dict[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in MC_KEYS if k in before]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    keys = [k for k in KEYS if k in before]
+    fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(keys)), 4))
     xs = range(len(keys))
     ax.bar([x - 0.2 for x in xs], [before[k] for k in keys], width=0.4, label="vanilla")
     ax.bar([x + 0.2 for x in xs], [after.get(k, 0.0) for k in keys], width=0.4, label="unlearned")
-    ax.set_xticks(list(xs), keys)
+    ax.set_xticks(list(xs), keys, rotation=60, ha="right", fontsize=7)
     ax.set_ylim(0, 1)
-    ax.axhline(CHANCE, color="grey", lw=0.8, ls="--", label="chance")
-    ax.set_ylabel("multiple-choice accuracy")
+    ax.axhline(MC_CHANCE, color="grey", lw=0.8, ls="--", label="chance (multiple choice)")
+    ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

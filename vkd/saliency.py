@@ -31,10 +31,12 @@ MODES = ("ratio", "top_fraction")
 
 
 def neuron_modules(adapter: ModelAdapter) -> dict[str, nn.Linear]:
-    """The down-projection Linear modules whose input channels are the visual neurons."""
+    """The down-projection Linear modules whose input channels are the visual neurons (none
+    of a layer the LLM never sees: ``ModelAdapter.unseen_visual``)."""
     patterns = [re.compile(p + "$") for p in adapter.family.neuron_modules]
+    unseen = adapter.unseen_visual()
     found = {n: m for n, m in adapter.model.named_modules()
-             if isinstance(m, nn.Linear) and any(p.match(n) for p in patterns)}
+             if isinstance(m, nn.Linear) and any(p.match(n) for p in patterns) and f"{n}.weight" not in unseen}
     if not found:
         raise ValueError(f"no visual MLP found in this {adapter.family.name} model to score neurons on")
     return found

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from vkd.data.layout import decode_image
-from vkd.metrics import cloze_correct, rouge_l
+from vkd.metrics import cloze_correct, contains_truth, rouge_l
 from vkd.model import ModelAdapter
 
 
@@ -36,7 +36,7 @@ def _option_logp(adapter: ModelAdapter, prompt_ids: list[list[int]], options: li
     logits = adapter.model(**batch, **extra).logits[:, :-1].float()
     mask = labels != -100
     logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return ((logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)).cpu()
 
 
 def _shared_option_logp(adapter: ModelAdapter, prompt_ids: list[list[int]], options: list[list[str]],
@@ -50,21 +50,24 @@ def _shared_option_logp(adapter: ModelAdapter, prompt_ids: list[list[int]], opti
     mask = batch["attention_mask"]
     out = adapter.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=True,
                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1, **extra)
-    row = torch.tensor([i for i, opts in enumerate(options) for _ in opts])
+    dev = mask.device
+    row = torch.tensor([i for i, opts in enumerate(options) for _ in opts], device=dev)
     targets = adapter.target_ids([o for opts in options for o in opts], eos=False)
     width = max(1, *map(len, targets))
     tokens = torch.full((len(targets), width), adapter.tokenizer.pad_token_id, dtype=torch.long)
     valid = torch.zeros((len(targets), width), dtype=torch.long)
     for i, t in enumerate(targets):
         tokens[i, :len(t)], valid[i, :len(t)] = torch.tensor(t, dtype=torch.long), 1
+    tokens, valid = tokens.to(dev), valid.to(dev)
     logits = out.logits[row, -1:].float()
     if width > 1:  # no image here: it is in the cached keys/values
         out.cache.batch_select_indices(row)
         rest = adapter.model(input_ids=tokens[:, :-1], attention_mask=torch.cat([mask[row], valid[:, :-1]], 1),
-                             position_ids=mask.sum(-1)[row, None] + torch.arange(width - 1), cache=out.cache).logits
+                             position_ids=mask.sum(-1)[row, None] + torch.arange(width - 1, device=dev),
+                             cache=out.cache).logits
         logits = torch.cat([logits, rest.float()], 1)
     logp = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return (logp * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+    return ((logp * valid).sum(-1) / valid.sum(-1).clamp(min=1)).cpu()
 
 
 def _options_logp(adapter: ModelAdapter, questions: list[str], images: list[Any] | None,
@@ -171,20 +174,34 @@ def option_scores(adapter: ModelAdapter, items: Sequence[dict], calibration: Cal
 
 
 @torch.no_grad()
-def generate(adapter: ModelAdapter, items: Sequence[dict], max_new_tokens: int) -> list[str]:
+def generate(adapter: ModelAdapter, items: Sequence[dict], max_new_tokens: int | Sequence[int]) -> list[str]:
+    """Greedy answers, the first line of each; ``max_new_tokens`` per item (each row's own
+    length: its answer does not depend on what else is in the batch) or for all."""
+    limits = [max_new_tokens] * len(items) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     prompt_ids, extra = adapter.prompt_inputs([it["question"] for it in items], item_images(items))
     batch = adapter.batch(prompt_ids, left_pad=True)
     batch.pop("labels")
     tok = adapter.tokenizer
-    out = adapter.model.generate(**batch, **extra, max_new_tokens=max_new_tokens, do_sample=False,
+    out = adapter.model.generate(**batch, **extra, max_new_tokens=max(limits), do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    new = out[:, batch["input_ids"].shape[1]:]
+    texts = tok.batch_decode([row[:n] for row, n in zip(new, limits)], skip_special_tokens=True)
     return [t.strip().split("\n")[0] for t in texts]
+
+
+SHORT_MARGIN = 2  # tokens a short answer may run past its ground truth
+
+
+def short_answer_tokens(adapter: ModelAdapter, items: Sequence[dict]) -> list[int]:
+    """Greedy decoding length of each short question: its truth's tokens and
+    ``SHORT_MARGIN``: enough for the answer, too little for a list of guesses."""
+    return [len(t) + SHORT_MARGIN for t in adapter.target_ids([it["truth"] for it in items])]
 
 
 def score_items(adapter: ModelAdapter, items: Sequence[dict], calibration: Calibration,
                 max_new_tokens: int = 24) -> list[dict]:
-    """One result per item: ``{key, entity, value}``; value is 0/1 for mc and cloze, ROUGE-L F1 for gen.
+    """One result per item: ``{key, entity, value}``; value is 0/1 for mc, short and cloze,
+    ROUGE-L F1 for gen.
 
     Items are computed one group at a time (same task, with or without image), each item
     alone in its padded row, so the result does not depend on batch composition."""
@@ -198,6 +215,10 @@ def score_items(adapter: ModelAdapter, items: Sequence[dict], calibration: Calib
             scores = option_scores(adapter, sub, calibration)
             for i, it, s in zip(idx, sub, scores):
                 values[i] = float(int(np.argmax(s)) == int(it["answer"]))
+        elif task == "short":
+            answers = generate(adapter, sub, short_answer_tokens(adapter, sub))
+            for i, it, ans in zip(idx, sub, answers):
+                values[i] = contains_truth(ans, it["truth"])
         else:
             answers = generate(adapter, sub, max_new_tokens)
             for i, it, ans in zip(idx, sub, answers):

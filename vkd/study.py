@@ -37,11 +37,11 @@ from typing import Any
 import yaml
 
 from vkd.config import ConfigError, load_config, override
+from vkd.metrics import CHANCE
 
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-CHANCE = 0.25
 
 
 @dataclass
@@ -144,26 +144,45 @@ def _check_value(name: str, value: Any, where: str, base_config: str | Path | No
         raise _fail(where, str(err)) from None
 
 
+FORGETTING = ("forget_vqa", "test_vqa", "forget_vqa_gen", "test_vqa_gen")
+TEXT = ("forget_qa", "forget_qa_gen", "retain_qa", "retain_qa_gen")
+RETAIN = ("retain_vqa", "retain_vqa_gen", "retain_test_vqa", "retain_test_vqa_gen")
+LOOKALIKE = ("lookalike_vqa", "lookalike_vqa_gen", "lookalike_test_vqa", "lookalike_test_vqa_gen")
+
+
 def objective(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """The study objective, in [0, 1], higher is better: the mean of *forgetting* and
-    *preservation*.
+    *preservation*, over the keys both evaluations hold.
 
-    - forgetting: for forget_vqa and test_vqa, the share of the vanilla model's margin over
-      chance that is gone, clamp((v0 - v) / (v0 - 0.25), 0, 1), averaged. Falling below
-      chance earns nothing more.
-    - preservation: for forget_qa, retain_vqa and retain_qa, min(v / v0, 1), averaged.
+    - forgetting: for forget_vqa, test_vqa and their ``_gen`` twins, the share of the
+      starting model's margin over chance that is gone, clamp((v0 - v) / (v0 - c), 0, 1)
+      (c: 0.25 for multiple choice, 0 for generation), averaged. Falling below chance earns
+      nothing more.
+    - preservation: for each keep key, min(v / v0, 1), averaged with weights: 1 for the
+      text keys (forget_qa, retain_qa and their twins) and for the other retain keys
+      (retain_vqa, retain_test_vqa and their twins); the lookalike keys share as much weight
+      as those other retain keys together (the people who look like a forgotten one are the
+      hardest case of keeping everyone else).
 
     A model that forgets nothing scores 0.5 at best; one that forgets everything and keeps
     everything scores 1."""
     def gone(key: str) -> float:
-        margin = before[key] - CHANCE
+        margin = before[key] - CHANCE.get(key, 0.0)
         if margin <= 0:
             return 0.0
         return min(max((before[key] - after[key]) / margin, 0.0), 1.0)
 
-    forgetting = (gone("forget_vqa") + gone("test_vqa")) / 2
-    keys = ("forget_qa", "retain_vqa", "retain_qa")
-    preservation = sum(min(after[k] / before[k], 1.0) if before[k] > 0 else 1.0 for k in keys) / len(keys)
+    def kept(key: str) -> float:
+        return min(after[key] / before[key], 1.0) if before[key] > 0 else 1.0
+
+    both = [k for k in (*FORGETTING, *TEXT, *RETAIN, *LOOKALIKE) if k in before and k in after]
+    lost = [gone(k) for k in FORGETTING if k in both]
+    forgetting = sum(lost) / len(lost) if lost else 0.0
+    weights = {k: 1.0 for k in (*TEXT, *RETAIN) if k in both}
+    looks = [k for k in LOOKALIKE if k in both]
+    others = sum(1.0 for k in RETAIN if k in both) or 1.0
+    weights.update({k: others / len(looks) for k in looks})
+    preservation = sum(w * kept(k) for k, w in weights.items()) / sum(weights.values()) if weights else 1.0
     return {"objective": (forgetting + preservation) / 2, "forgetting": forgetting, "preservation": preservation}
 
 

@@ -7,11 +7,12 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from vkd.metrics import MC_KEYS
-from vkd.study import CHANCE, SearchSpace, pareto_front
+from vkd.metrics import KEYS, MC_CHANCE
+from vkd.study import SearchSpace, pareto_front
 
-TABLE_METRICS = ["objective", "forgetting", "preservation", *MC_KEYS]
-SHOWN = ["objective", *MC_KEYS]
+TABLE_METRICS = ["objective", "forgetting", "preservation", *KEYS]
+SHOWN = ["objective", "forget_vqa", "test_vqa", "forget_vqa_gen", "retain_vqa", "retain_test_vqa", "lookalike_vqa",
+         "lookalike_vqa_gen"]
 
 
 def _label(value: Any) -> str:
@@ -86,7 +87,7 @@ def _plot_sensitivity(out: Path, space: SearchSpace, done: list[dict[str, Any]])
             ax.set_xticks(range(len(values)), [_label(v) for v in values])
         ax.set_xlabel(name)
         ax.set_ylim(0, 1.05)
-        ax.axhline(CHANCE, color="grey", lw=0.8, ls="--")
+        ax.axhline(MC_CHANCE, color="grey", lw=0.8, ls="--")
         ax.legend(fontsize=7, ncol=3)
     fig.suptitle(f"{space.name}: sensitivity (lines: mean per value)", fontsize=10)
     fig.tight_layout()

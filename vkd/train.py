@@ -13,8 +13,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from vkd.config import Config, TrainConfig
-from vkd.data.layout import decode_image
+from vkd.config import Config, ConfigError, TrainConfig
+from vkd.data.layout import BenchmarkError, decode_image
 from vkd.data.streams import image_key
 from vkd.model import GROUPS, ModelAdapter
 
@@ -64,7 +64,8 @@ class Tokenize:
             firsts, extra = self.adapter.prompt_inputs([], images, texts=[t[0] for t in texts])
             for j, i in enumerate(idx):
                 if len(firsts[j]) >= width:
-                    raise ValueError(f"train.max_length={width} is shorter than a prompt ({len(firsts[j])} tokens)")
+                    raise ConfigError(f"train.max_length={width} is shorter than a prompt ({len(firsts[j])} tokens); "
+                                      "set it to 0 (from the model and the data)")
                 targets = self.adapter.target_ids(convs[j][1])
                 later = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[j][1:]]
                 seq, lab = list(firsts[j]), [-100] * len(firsts[j])
@@ -83,6 +84,56 @@ class Tokenize:
                 out["has_image"][idx] = True
                 out["image_key"][idx] = [image_key(it["image"]) for it in sub]
         return out
+
+
+class Lengths:
+    """Token counts of training sequences as ``Tokenize`` makes them, without decoding or
+    processing a single picture: the text's tokens (each string counted once) and, for a
+    sequence with a picture, the tokens its picture expands into (measured once per picture
+    size on a blank picture of that size)."""
+
+    def __init__(self, adapter: ModelAdapter):
+        self.adapter, self.tok = adapter, adapter.tokenizer
+        self.texts: dict[str, int] = {}
+        self.answers: dict[str, int] = {}
+        self.pictures: dict[tuple[int, int], int] = {}
+
+    def _text(self, text: str) -> int:
+        if text not in self.texts:
+            self.texts[text] = len(self.tok(text, add_special_tokens=False)["input_ids"])
+        return self.texts[text]
+
+    def _picture(self, blob: bytes, source: str) -> int:
+        """Tokens a picture adds to its prompt beyond the placeholder's (its size read off its
+        header; a picture whose header cannot be read is named)."""
+        import io
+
+        from PIL import Image
+
+        try:
+            size = Image.open(io.BytesIO(blob)).size
+        except (OSError, ValueError) as err:
+            raise BenchmarkError(f"{source}: corrupt image bytes ({err}); fix or drop that row") from err
+        if size not in self.pictures:
+            text = self.adapter.prompt("q", True)
+            ids, _ = self.adapter.prompt_inputs([], [Image.new("RGB", size)], texts=[text])
+            self.pictures[size] = len(ids[0]) - self._text(text)
+        return self.pictures[size]
+
+    def __call__(self, item: dict[str, Any]) -> tuple[int, int]:
+        """(the whole sequence's tokens, its first prompt's)."""
+        questions, answers = Tokenize.turns(item)
+        has = item.get("image") is not None
+        texts = self.adapter.turn_prompts(questions, answers, has)
+        first = self._text(texts[0]) + (self._picture(item["image"], item.get("source", "a row")) if has else 0)
+        if self.tok.bos_token_id is not None and not self.adapter.chat:
+            first += 1
+        later = sum(self._text(t) for t in texts[1:])
+        for a in answers:
+            if a not in self.answers:
+                self.answers[a] = len(self.adapter.target_ids([a])[0])
+        answered = sum(self.answers[a] for a in answers)
+        return first + later + answered, first
 
 
 @dataclass
@@ -114,16 +165,21 @@ def model_inputs(arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def trainable_names(adapter: ModelAdapter, which: str, last_vision_layers: int = 0) -> list[str]:
     """Names of the parameters that train: ``all``, or ``visual`` (the projector and the
-    vision tower; with ``last_vision_layers`` > 0, the projector and only the vision
-    tower's last that many layers)."""
+    vision tower, without what the LLM never sees: ``ModelAdapter.unseen_visual``; with
+    ``last_vision_layers`` > 0, the projector and only the last that many vision layers the
+    LLM sees, counted from the feature layer down)."""
     if which not in TRAINABLE:
         raise ValueError(f"train.trainable={which!r}; choose one of {', '.join(TRAINABLE)}")
     groups = adapter.param_groups()
     names = [n for g in TRAINABLE[which] for n, _ in groups[g]]
-    if which == "all" or last_vision_layers <= 0:
+    if which == "all":
+        return names
+    unseen = adapter.unseen_visual()
+    names = [n for n in names if n not in unseen]
+    if last_vision_layers <= 0:
         return names
     prefix = adapter.family.vision_layers
-    index = {n: int(n[len(prefix):].split(".")[0]) for n, _ in groups["vision"] if n.startswith(prefix)}
+    index = {n: int(n[len(prefix):].split(".")[0]) for n in names if n.startswith(prefix)}
     keep = set(sorted(set(index.values()))[-last_vision_layers:])
     vision = {n for n, _ in groups["vision"]}
     return [n for n in names if n not in vision or index.get(n) in keep]
@@ -247,3 +303,22 @@ def unlearn_train_config(cfg: Config) -> TrainConfig:
     return replace(cfg.train, lr=u.lr, batch_size=u.batch_size, max_steps=u.steps, align_steps=0,
                    warmup_steps=min(cfg.train.warmup_steps, max(1, u.steps // 10)),
                    checkpoint_every=max(u.steps, 1), grad_accum=1, seed=u.seed, shuffle_buffer=0)
+
+
+def fit_length(cfg: TrainConfig, adapter: ModelAdapter, sequences: Iterable[dict[str, Any]]) -> TrainConfig:
+    """``cfg`` with ``max_length`` fitted to these sequences: 0 means from the model and the
+    data (the longest sequence: its picture's tokens and its text); a length given must hold
+    every first prompt (a longer conversation keeps the first turns that fit). Checked here,
+    before any worker starts: the error names the field and the length that fits."""
+    measure = Lengths(adapter)
+    whole, first = 0, 0
+    for item in sequences:
+        w, f = measure(item)
+        whole, first = max(whole, w), max(first, f)
+    if cfg.max_length == 0:
+        return replace(cfg, max_length=max(whole, 1))
+    if first >= cfg.max_length:
+        raise ConfigError(f"train.max_length={cfg.max_length} is shorter than a prompt ({first} tokens, its picture's "
+                          f"included); set train.max_length={whole} (every sequence whole) or 0 (from the model and "
+                          "the data)")
+    return cfg

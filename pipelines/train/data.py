@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import ray
@@ -13,11 +13,11 @@ import torch
 from ray.data._internal.execution.backpressure_policy import (ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
                                                               ConcurrencyCapBackpressurePolicy)
 
-from vkd.config import TrainConfig
+from vkd.config import Config, TrainConfig
 from vkd.data.layout import TRAIN_SPLIT, driver_sized, load_meta, read_rows, shards_holding
 from vkd.data.streams import RowPlan, shuffled_sequences
 from vkd.model import ModelAdapter
-from vkd.train import Tokenize
+from vkd.train import Tokenize, fit_length, unlearn_train_config
 
 INLINE_BLOCK_ROWS = 16     # ft_Data rows per block of such a stream: its first batch is tokenised early
 TOKENIZE_ROWS = 64         # sequences per tokeniser call
@@ -82,6 +82,8 @@ def train_dataset(data: str | Path, model_path: str, cfg: TrainConfig, plan: Row
     stopped; streams small enough to read in the driver)."""
     if skip and items is None:
         raise ValueError("a stream starts mid-way only when it stops at what its run draws (items)")
+    if not cfg.max_length:
+        raise ValueError("train.max_length is 0: fit it to the data first (pipelines.train.fitted)")
     plan = plan or RowPlan(turns=cfg.turns, seed=cfg.seed)
     shards = shards_holding(Path(data), TRAIN_SPLIT, plan.ids)
     inline = driver_sized(shards)
@@ -105,14 +107,18 @@ def starts_mid_way(data: str | Path, plan: RowPlan) -> bool:
     return driver_sized(shards_holding(Path(data), TRAIN_SPLIT, plan.ids))
 
 
-def train_datasets(data: str | Path, model_path: str, cfg: TrainConfig) -> dict[str, Any]:
-    """The datasets of a fine-tuning run: ``train``, and ``align`` (naming pairs) when
-    ``cfg.align_steps``."""
-    out = {"train": train_dataset(data, model_path, cfg)}
+def finetune_plans(data: str | Path, cfg: TrainConfig) -> dict[str, RowPlan]:
+    """The streams of a fine-tuning run: ``train`` (every row, ``cfg.turns`` pairs a
+    sequence), and ``align`` (the naming pairs) when ``cfg.align_steps``."""
+    plans = {"train": RowPlan(turns=cfg.turns, seed=cfg.seed)}
     if cfg.align_steps:
-        names = {e.id: e.name for e in load_meta(data).entities}
-        out["align"] = train_dataset(data, model_path, cfg, RowPlan(names=names, seed=cfg.seed))
-    return out
+        plans["align"] = RowPlan(names={e.id: e.name for e in load_meta(data).entities}, seed=cfg.seed)
+    return plans
+
+
+def train_datasets(data: str | Path, model_path: str, cfg: TrainConfig) -> dict[str, Any]:
+    """The datasets of a fine-tuning run (``finetune_plans``)."""
+    return {name: train_dataset(data, model_path, cfg, plan) for name, plan in finetune_plans(data, cfg).items()}
 
 
 def shard_batches(shard: Any, name: str, cfg: TrainConfig, rank: int, at_step: int,
@@ -132,3 +138,23 @@ def shard_batches(shard: Any, name: str, cfg: TrainConfig, rank: int, at_step: i
         if count == 0:
             raise RuntimeError(f"a worker got no {name} batch: use fewer workers or a smaller batch size")
         at_step += 1
+
+
+def plan_sequences(data: str | Path, plans: Iterable[RowPlan]) -> Iterator[dict[str, Any]]:
+    """Every sequence these plans make of the training rows (one pass each), read here."""
+    for plan in plans:
+        for row in read_rows(Path(data), TRAIN_SPLIT, plan.ids):
+            if plan.keep(row):
+                yield from plan.sequences(row)
+
+
+def fitted(cfg: TrainConfig, model_path: str | Path, data: str | Path, plans: Iterable[RowPlan]) -> TrainConfig:
+    """``cfg`` with its ``max_length`` fitted to what these plans stream (``vkd.train.fit_length``),
+    in the driver, before any worker starts."""
+    return fit_length(cfg, ModelAdapter.load(model_path, weights=False), plan_sequences(data, plans))
+
+
+def unlearn_trainer(cfg: Config, model_path: str | Path, data: str | Path, plans: dict[str, RowPlan]) -> TrainConfig:
+    """The trainer settings of an unlearning run and of its statistics pass, fitted to its
+    forget and retain streams."""
+    return fitted(unlearn_train_config(cfg), model_path, data, [plans["forget"], plans["retain"]])

@@ -117,14 +117,18 @@ class BenchmarkMeta:
 class ForgetSet:
     """Whom a run forgets and whom it keeps: a benchmark forget split (``forget_10`` and
     its ``retain_90``) or any entities (a batch request: its entities, against the entities
-    no request of the batch names)."""
+    no request of the batch names). ``lookalikes``: the retain entities that look most like
+    a forget entity to the starting model (``vkd.lookalikes``), chosen once so that before
+    and after score the same people."""
     name: str
     forget: tuple[str, ...]
     retain: tuple[str, ...]
     split: str | None = None           # the benchmark forget split, when it is one
+    lookalikes: tuple[str, ...] = ()
 
     def key(self) -> str:
-        return self.split or f"{self.name}:{','.join(self.forget)}|{','.join(self.retain)}"
+        base = self.split or f"{self.name}:{','.join(self.forget)}|{','.join(self.retain)}"
+        return f"{base}~{','.join(self.lookalikes)}" if self.lookalikes else base
 
     def sources(self, meta: "BenchmarkMeta", role: str,
                 ids: Iterable[str] | None = None) -> list[tuple[str, list[str] | None]]:
@@ -149,7 +153,8 @@ def forget_set(meta: "BenchmarkMeta", forget: "str | ForgetSet | dict[str, Any]"
     if isinstance(forget, ForgetSet):
         return forget
     if isinstance(forget, dict):
-        return ForgetSet(forget["name"], tuple(forget["forget"]), tuple(forget["retain"]), forget.get("split"))
+        return ForgetSet(forget["name"], tuple(forget["forget"]), tuple(forget["retain"]), forget.get("split"),
+                         tuple(forget.get("lookalikes", ())))
     retain = retain_split(forget)  # an unknown name fails here, listing the forget splits
     return ForgetSet(forget, tuple(meta.entity_ids(forget)), tuple(meta.entity_ids(retain)), forget)
 

@@ -50,6 +50,7 @@ class RowPlan:
     turns: int = 1
     seed: int = 0
     rows: frozenset[int] | None = None   # only the rows with these keys (row_key); None: all
+    one_per_image: bool = False          # a row's first sequence alone (a step that needs its picture, not its pairs)
 
     def keep(self, row: dict[str, Any]) -> bool:
         return ((self.ids is None or row.get("ID") in self.ids) and not (self.image_only and row.get("image") is None)
@@ -66,6 +67,8 @@ class RowPlan:
             seqs = train_sequences(row, self.turns, self.seed)
         if self.answer is not None:
             seqs = [{**s, "answers": [self.answer] * len(s["answers"])} for s in seqs]
+        if self.one_per_image:
+            seqs = seqs[:1]
         return [{k: it[k] for k in ("image", "questions", "answers", "source")} for it in seqs]
 
     def to_key(self) -> dict[str, Any]:

@@ -97,8 +97,9 @@ class Method:
         """What the statistics pass measures before training (None: no pass)."""
         return None
 
-    def prepare(self, adapter: ModelAdapter, stats: Statistics, trainable: list[str]) -> Preparation:
-        """Masks, pruning (of ``adapter``, in place) and teacher features from the statistics."""
+    def prepare(self, adapter: ModelAdapter, stats: Statistics, trainable: list[str], seed: int = 0) -> Preparation:
+        """Masks, pruning (of ``adapter``, in place) and teacher features from the statistics
+        (``seed``: the request's, for what the preparation draws)."""
         return Preparation()
 
     def loss(self, model: nn.Module, batches: dict[str, Batch],

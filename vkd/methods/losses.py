@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vkd.config import ConfigError
 from vkd.model import ModelAdapter
 
 DISTANCES = ("mse", "cosine")
@@ -96,7 +97,12 @@ def feature_tap(adapter: ModelAdapter, layers: list[int]) -> Iterator[dict[str, 
     modules = dict(adapter.model.named_modules())
     missing = [n for n in wanted if n not in modules]
     if missing:
-        raise ValueError(f"unlearn.vkd.vkd_layers: no module {missing[0]} in this model")
+        raise ConfigError(f"unlearn.vkd.vkd_layers: no module {missing[0]} in this model")
+    unseen = adapter.unseen_visual()
+    dead = [n for n in wanted if any(f"{n}.{p}" in unseen for p, _ in modules[n].named_parameters())]
+    if dead:
+        raise ConfigError(f"unlearn.vkd.vkd_layers: {dead[0]} feeds nothing the LLM sees (after the vision "
+                          "feature layer); distil a layer at or before it")
     for name, key in wanted.items():
         def hook(_m, _args, out, key=key):
             captured[key] = out[0] if isinstance(out, tuple) else out
