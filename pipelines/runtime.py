@@ -17,6 +17,9 @@ RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # a map function's own exception (a BenchmarkError, a ConfigError) reaches the consumer
+    # as itself, not as a UserCodeException whose cause is lost on its way between processes
+    "RAY_DATA_RAISE_ORIGINAL_MAP_EXCEPTION": "1",
     "DS_ACCELERATOR": "cpu",
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",

@@ -100,13 +100,15 @@ def test_ray_job_submit_stop_and_resubmit_does_each_request_once(small_data, tin
               "unlearn": {"method": "ga", "steps": 3, "lr": 5e-3, "batch_size": 4, "retain_rows": 12},
               "eval": {"retain_entities": 2, "generation": False, "max_rows": 2, "references": 3, "actors": 1,
                        "retain_test_entities": 1, "lookalikes": 1},
-              "relearn": {"steps": 2, "batch_size": 4},  # every request runs the attack (a short one here)
+              "relearn": {"steps": 2, "batch_size": 4},  # a short attack
               "mlflow": {"sqlite_file": str(tmp_path / "mlflow.db"), "artifact_dir": str(tmp_path / "mlruns")}}
     _write(tmp_path / "run.yaml", config)
     manifest = _write(tmp_path / "batch.yaml", {
         "model": str(tiny_path), "data": str(small_data), "config": str(tmp_path / "run.yaml"), "concurrency": 2,
-        "requests": [{"id": "first", "entities": ["0001"]},
-                     {"id": "second", "entities": ["0002", "0003"], "overrides": {"unlearn.lr": 1.0e-3}},
+        # the attack is on by default: the third request runs it, the other two turn it off (time)
+        "requests": [{"id": "first", "entities": ["0001"], "overrides": {"unlearn.relearn": False}},
+                     {"id": "second", "entities": ["0002", "0003"],
+                      "overrides": {"unlearn.lr": 1.0e-3, "unlearn.relearn": False}},
                      {"id": "third", "entities": ["0004"],
                       "accept": {"retain_vqa_min": 1.01, "relearn_ag_max": -1.5}}]})  # a gap is never below -1
     out = tmp_path / "out"
@@ -188,7 +190,8 @@ def test_ray_job_submit_stop_and_resubmit_does_each_request_once(small_data, tin
         third = by_request["third"][0].data.tags
         assert third["decision"] == "rejected" and "retain_vqa" in third["reason"] and "min 1.01" in third["reason"]
         assert "relearn_ag" in third["reason"] and "> max -1.5" in third["reason"], third["reason"]
-        assert all("relearn_ag" in r[0].data.metrics for r in by_request.values()), "every request ran the attack"
+        assert "relearn_ag" in by_request["third"][0].data.metrics, "the attack runs by default"
+        assert not any("relearn_ag" in by_request[rid][0].data.metrics for rid in ("first", "second"))
         versions = mlflow.search_model_versions("name = 'vkd-synthetic-unlearned'")
         hashes = [v.tags.get("request_hash") for v in versions]
         assert len(hashes) == len(set(hashes)), "a request registered twice"

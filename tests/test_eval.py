@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from vkd.data.items import eval_items, reference_images
+from vkd.data.items import eval_items, items_for, reference_images
 from vkd.metrics import DIRECTIONS, MC_KEYS, aggregate, cloze_correct, rouge_l
 from vkd.scoring import evaluate_items
 
@@ -74,9 +74,9 @@ def test_ray_data_gives_the_in_process_numbers(small_data, tiny, tiny_path, ray_
     from vkd.config import EvalConfig
 
     cfg = EvalConfig(batch_size=16, max_new_tokens=6, max_rows=2, actors=2, references=4)
-    local = evaluate_items(tiny, eval_items(small_data, "forget_15", limit=2), reference_images(small_data, "forget_15", 4),
+    local = evaluate_items(tiny, items_for(small_data, "forget_15", cfg), reference_images(small_data, "forget_15", 4),
                            batch_size=7, max_new_tokens=6)
-    assert local
+    assert {r["key"] for r in local} >= {"retain_test_vqa", "retain_test_vqa_gen", "forget_vqa_gen"}
     # items built in the driver (a small evaluation), and streamed from the shards (a large one)
     for inline in (True, False):
         on_ray = evaluate_on_ray(tiny_path, small_data, "forget_15", cfg, inline=inline)

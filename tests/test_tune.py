@@ -193,11 +193,13 @@ def test_promotion_asha_goes_on_with_the_best_of_each_rung_and_always_finishes_a
 
 @pytest.mark.slow
 def test_a_promotion_asha_study_resumes_stopped_points_from_their_rungs(small_data, tiny_path, tmp_path):
-    """A real grid study under promotion ASHA, two trials at a time: points stop at rungs,
+    """A real grid study under promotion ASHA, one trial at a time: points stop at rungs,
     promoted ones go on from their saved state in the same MLflow run, and the study
     finishes at least one point and cleans the rung states up."""
-    # 8 steps: rungs at steps 2 and 4, the last at 8
-    cmd, env, out = _study(tmp_path, small_data, tiny_path, steps=8, scheduler="asha", concurrency=2, reports=4,
+    # 8 steps: rungs at steps 2 and 4, the last at 8. One at a time, the first three points
+    # stop at step 2 while a point waits, and the best two of four there include one of them:
+    # a resume whatever the objectives (two at a time, two late points may beat both early ones)
+    cmd, env, out = _study(tmp_path, small_data, tiny_path, steps=8, scheduler="asha", concurrency=1, reports=4,
                            asha={"grace_period": 1, "reduction_factor": 2},
                            parameters={"unlearn.lr": {"grid": [1.0e-4, 1.0e-3, 5.0e-3, 2.0e-2]}})
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -215,7 +217,7 @@ def test_a_promotion_asha_study_resumes_stopped_points_from_their_rungs(small_da
         assert set(starts[folder.name]) <= {0, 2, 4}, "a point goes on from a rung"
         assert not (folder / "rungs").exists(), "rung states are removed at the end"
     resumed = [k for k, s in starts.items() if len(s) > 1]
-    assert resumed, starts  # the first trial at each rung always stops
+    assert resumed, starts
 
     from mlflow.tracking import MlflowClient
 
