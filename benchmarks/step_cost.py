@@ -12,19 +12,19 @@ GD's) on real forget and retain batches of the demo's unlearning size, each step
 a backward and a torch AdamW update over the parameters that train. The two methods
 alternate step by step (this machine is noisy); the medians are printed. Weights are fresh:
 a step's cost does not depend on their values. Peak memory: each method and size once more
-in a process of its own (its peak resident memory, and the part the steps add over the
-model alone). ``192x4`` is the demo's LLM (hidden size x layers); LLaVA-1.5-7B's is 4096x32
-beside a 0.3B vision tower (1024x24); ``--llava15 K`` scales both widths by 1/K and depths
-by 1/(K/2).
+in a process of its own (the peak resident memory of its steps, the set-up's high-water mark
+reset first, and the part the steps add over the model alone). ``192x4`` is the demo's LLM
+(hidden size x layers); LLaVA-1.5-7B's is 4096x32 beside a 0.3B vision tower (1024x24);
+``--llava15 K`` scales both widths by 1/K and depths by 1/(K/2).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -114,11 +114,22 @@ def peak_memory(args, overrides, size: str, name: str) -> None:
     adapter, methods, forget, retain, teacher = setup(args, overrides, size)
     step = stepper(adapter, methods[name], teacher)
     del adapter
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    # the set-up's own high-water mark (building, copying) would hide the steps': reset it
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kib("VmRSS")
     for _ in range(3):
         step(forget, retain)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     print(json.dumps({"peak_mib": peak / 1024, "steps_mib": (peak - base) / 1024}))
+
+
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (Linux), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def memory_of(size: str, name: str) -> dict:
