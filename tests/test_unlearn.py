@@ -204,12 +204,7 @@ def test_the_vkd_term_pulls_retain_features_to_the_teacher(small_data, tiny_path
         start = float(feature_distance(visual_features(student, retain.inputs["pixel_values"], [])["projector"],
                                        feats["projector"], "mse"))
         params = [p for n, p in student.model.named_parameters() if "projector" in n or "vision" in n]
-        opt = torch.optim.Adam(params, lr=1e-3)
-        for _ in range(15):
-            loss, _ = method.loss(student.model, {"forget": forget, "retain": retain}, ctx)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _adam_steps(method, student.model, {"forget": forget, "retain": retain}, ctx, params, 1e-3, 15)
         end = float(feature_distance(visual_features(student, retain.inputs["pixel_values"], [])["projector"],
                                      feats["projector"], "mse"))
         return start, end
@@ -218,6 +213,16 @@ def test_the_vkd_term_pulls_retain_features_to_the_teacher(small_data, tiny_path
     _, free = distance_after(0.0)
     assert pulled < 0.5 * start, (start, pulled)
     assert pulled < 0.5 * free, (pulled, free)
+
+
+def _adam_steps(method, model, batches, ctx, params, lr: float, steps: int) -> None:
+    """``steps`` Adam steps on ``method``'s loss."""
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        loss, _ = method.loss(model, batches, ctx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
 
 def _same_stats(a, b) -> bool:
@@ -299,12 +304,7 @@ def test_vkd_in_feature_space_draws_the_forget_pictures_to_the_generic_person_wi
 
     start = distances()
     params = [p for n, p in adapter.model.named_parameters() if n in set(method.trainable(adapter))]
-    opt = torch.optim.Adam(params, lr=2e-3)
-    for _ in range(10):
-        loss, figures = method.loss(adapter.model, {"forget": forget, "retain": retain}, ctx)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _adam_steps(method, adapter.model, {"forget": forget, "retain": retain}, ctx, params, 2e-3, 10)
     hook.remove()
     end = distances()
     assert not calls, "the LLM ran in a feature-space step"
