@@ -45,8 +45,20 @@ def ui_hint(cfg: TrackingConfig) -> str:
             "           then open http://127.0.0.1:5000 (runs under the experiment, models under Models)")
 
 
-def experiment_id(cfg: TrackingConfig) -> str:
+def use_tracking(cfg: TrackingConfig) -> None:
+    """Point this process's MLflow at ``cfg``'s store. MLflow's ``set_tracking_uri`` also
+    exports MLFLOW_TRACKING_URI, which would make every later config in this process (and
+    every child process) record to the first store; the variable is put back as it was."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri(cfg))
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def experiment_id(cfg: TrackingConfig) -> str:
+    use_tracking(cfg)
     found = mlflow.get_experiment_by_name(cfg.experiment)
     if found is not None:
         return found.experiment_id

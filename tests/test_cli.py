@@ -1,6 +1,7 @@
 """The `vkd` console command dispatches to the stages and rejects what it does not know."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -29,3 +30,21 @@ def test_a_stage_takes_config_flags_and_overrides(tmp_path):
     assert "9 entities" in done.stdout
     unknown = _vkd("prepare", "synthetic", "--out", str(tmp_path / "e"), "--bogus")
     assert unknown.returncode == 2 and "unrecognized arguments: --bogus" in unknown.stderr
+
+
+def test_each_config_records_to_its_own_store_in_one_process(tmp_path, monkeypatch):
+    """MLflow exports the URI it is given; a second config in the same process (a benchmark,
+    a test, a batch) must still record to its own store, and child processes inherit nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import experiment_id
+    from vkd.config import TrackingConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first, second = (TrackingConfig(sqlite_file=str(tmp_path / f"{n}.db"), artifact_dir=str(tmp_path / n),
+                                    experiment=f"exp-{n}") for n in ("one", "two"))
+    experiment_id(first)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    experiment_id(second)
+    assert MlflowClient(f"sqlite:///{tmp_path / 'two.db'}").get_experiment_by_name("exp-two") is not None
+    assert MlflowClient(f"sqlite:///{tmp_path / 'one.db'}").get_experiment_by_name("exp-two") is None

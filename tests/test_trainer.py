@@ -240,7 +240,8 @@ def _vanilla(data: Path, out: Path, cwd: Path, env: dict | None = None) -> subpr
     cmd = [sys.executable, "-m", "pipelines.vanilla", "--data", str(data), "--out", str(out), "--no-eval",
            *MODEL_OVERRIDES, "train.max_steps=6", "train.batch_size=4", "train.checkpoint_every=3",
            "train.workers=2", "train.max_length=96"]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the store is the test's
+    full_env = {**inherited, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=full_env)
 
 
