@@ -4,7 +4,7 @@ model sizes, on the same vision tower with larger LLMs, and on a llava-1.5 geome
 336 px, patch 14: 576 image tokens; vision_feature_layer -2; llava-1.5's width and depth
 ratios, scaled down).
 
-    python benchmarks/step_cost.py --data DATA [--config configs/demo.yaml] [--llm 192x4,384x8,768x8]
+    python benchmarks/step_cost.py --data DATA [--config configs/demo.yaml] [--llm 128x2,384x8,768x8]
         [--llava15 8] [--steps 10]
 
 One process, one thread, the real losses (``vkd.methods``: VKD's at the config's settings,
@@ -13,7 +13,7 @@ a backward and a torch AdamW update over the parameters that train. The two meth
 alternate step by step (this machine is noisy); the medians are printed. Weights are fresh:
 a step's cost does not depend on their values. Peak memory: each method and size once more
 in a process of its own (the peak resident memory of its steps, the set-up's high-water mark
-reset first, and the part the steps add over the model alone). ``192x4`` is the demo's LLM
+reset first, and the part the steps add over the model alone). ``128x2`` is the demo's LLM
 (hidden size x layers); LLaVA-1.5-7B's is 4096x32 beside a 0.3B vision tower (1024x24);
 ``--llava15 K`` scales both widths by 1/K and depths by 1/(K/2).
 """
@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--forget", default="forget_10")
-    ap.add_argument("--llm", default="192x4,384x8,768x8", help="LLM sizes: hidden x layers, comma-separated")
+    ap.add_argument("--llm", default="128x2,384x8,768x8", help="LLM sizes: hidden x layers, comma-separated")
     ap.add_argument("--llava15", type=int, default=8, help="the llava-1.5 geometry scaled down K times (0: none)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per method and size (after 2 warm-up steps)")
     ap.add_argument("--memory", help=argparse.SUPPRESS)  # SIZE:METHOD, the memory of one (a child process)

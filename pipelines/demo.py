@@ -31,8 +31,8 @@ from vkd.metrics import format_table
 
 # seconds of each stage of configs/demo.yaml on a fresh clone where they were measured (2 cores,
 # a 2048x2048 fp32 matmul at REFERENCE_GFLOPS with 2 threads); scaled by this machine's speed
-REFERENCE_GFLOPS = 50.0
-REFERENCE_SECONDS = {"prepare": 30, "vanilla": 1800, "evaluate": 280, "unlearn": 430}
+REFERENCE_GFLOPS = 168.0
+REFERENCE_SECONDS = {"prepare": 3, "vanilla": 480, "evaluate": 40, "unlearn": 115}
 
 
 def matmul_gflops(threads: int = 2) -> float:
