@@ -84,7 +84,7 @@ def setup(args, overrides, size: str):
 
     forget, retain = batch("forget"), batch("retain")
     feats = visual_features(adapter, retain.inputs["pixel_values"], list(vkd.cfg.vkd_layers))
-    teacher = {int(k): {n: v[i] for n, v in feats.items()} for i, k in enumerate(retain.image_keys)}
+    teacher = vkd.teacher_table({int(k): {n: v[i] for n, v in feats.items()} for i, k in enumerate(retain.image_keys)})
     return adapter, {"vkd": vkd, "gd": gd}, forget, retain, teacher
 
 

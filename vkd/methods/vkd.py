@@ -125,12 +125,18 @@ class VKD(Method):
         figures = {"pruned_neurons": int(sum(int(v.sum()) for v in pruned.values())),
                    "neurons": int(sum(v.numel() for v in pruned.values())),
                    "updated_fraction": updated_fraction(fisher), "teacher_images": len(stats.teacher)}
-        teacher = dict(stats.teacher)
-        if c.forget_loss == "generic":  # the generic person: the teacher's mean features over the retain pictures
-            names = next(iter(teacher.values())).keys()
-            teacher[GENERIC] = {n: torch.stack([t[n] for t in stats.teacher.values()]).float().mean(0) for n in names}
+        teacher = self.teacher_table(stats.teacher)
         return Preparation(masks=masks, teacher=teacher, figures=figures,
                            pruned={k: torch.nonzero(v).flatten().tolist() for k, v in pruned.items() if v.any()})
+
+    def teacher_table(self, teacher: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+        """The teacher's features by image key; with forget_loss generic, also the generic
+        person (key ``GENERIC``): the teacher's mean features over the retain pictures."""
+        table = dict(teacher)
+        if self.cfg.forget_loss == "generic":
+            names = next(iter(teacher.values())).keys()
+            table[GENERIC] = {n: torch.stack([t[n] for t in teacher.values()]).float().mean(0) for n in names}
+        return table
 
     def forget_term(self, model, forget: dict[str, torch.Tensor], ctx) -> torch.Tensor:
         c = self.cfg
