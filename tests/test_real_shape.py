@@ -133,5 +133,6 @@ def test_a_corrupt_picture_met_in_a_worker_is_one_line(tiny_path, small_data, tm
     done = _unlearn(tiny_path, data, tmp_path / "out", tmp_path, "--method", "ga")
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "corrupt image bytes" in errors[0] and "ft_Data" in errors[0], done.stderr[-3000:]
-    assert "raised in a worker; traceback in" in errors[0]
+    seen = f"error lines: {errors}\nstderr head:\n{done.stderr[:2000]}\nstderr tail:\n{done.stderr[-2000:]}"
+    assert len(errors) == 1 and "corrupt image bytes" in errors[0] and "ft_Data" in errors[0], seen
+    assert "raised in a worker; traceback in" in errors[0], seen
