@@ -28,11 +28,12 @@ from vkd.cache import digest
 from vkd.config import Config
 from vkd.data import prepare_benchmark
 from vkd.metrics import format_table
+from vkd.train import engine_config
 
 # seconds of each stage of configs/demo.yaml on a fresh clone where they were measured (2 cores,
 # a 2048x2048 fp32 matmul at REFERENCE_GFLOPS with 2 threads); scaled by this machine's speed
-REFERENCE_GFLOPS = 168.0
-REFERENCE_SECONDS = {"prepare": 3, "vanilla": 480, "evaluate": 40, "unlearn": 115}
+REFERENCE_GFLOPS = 141.0
+REFERENCE_SECONDS = {"prepare": 3, "vanilla": 265, "evaluate": 30, "unlearn": 150}
 
 
 def matmul_gflops(threads: int = 2) -> float:
@@ -101,7 +102,7 @@ def vanilla_stage(cfg: Config, data: Path, out: Path, forget: str, cached: bool)
         aside = out.with_name(f"{out.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
         out.rename(aside)
         print(f"[2/4 vanilla] {out} was incomplete (an interrupted run): moved to {aside}")
-    print(f"[2/4 vanilla] {cfg.train.workers} Ray Train worker(s), DeepSpeed ZeRO-{cfg.train.zero_stage}, "
+    print(f"[2/4 vanilla] {cfg.train.workers} Ray Train worker(s), DeepSpeed ZeRO-{engine_config(cfg.train, cfg.train.workers).zero_stage}, "
           f"{cfg.train.max_steps} steps -> {out}", flush=True)
     figures = run_vanilla(cfg, str(data), out, "tiny", forget)
     (out / "run.json").write_text(json.dumps({"run_id": figures["run_id"], "version": figures["version"]}))
