@@ -102,7 +102,8 @@ def vanilla_stage(cfg: Config, data: Path, out: Path, forget: str, cached: bool)
         aside = out.with_name(f"{out.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
         out.rename(aside)
         print(f"[2/4 vanilla] {out} was incomplete (an interrupted run): moved to {aside}")
-    print(f"[2/4 vanilla] {cfg.train.workers} Ray Train worker(s), DeepSpeed ZeRO-{engine_config(cfg.train, cfg.train.workers).zero_stage}, "
+    stage = engine_config(cfg.train, cfg.train.workers).zero_stage  # the stage a rank runs
+    print(f"[2/4 vanilla] {cfg.train.workers} Ray Train worker(s), DeepSpeed ZeRO-{stage}, "
           f"{cfg.train.max_steps} steps -> {out}", flush=True)
     figures = run_vanilla(cfg, str(data), out, "tiny", forget)
     (out / "run.json").write_text(json.dumps({"run_id": figures["run_id"], "version": figures["version"]}))
