@@ -129,7 +129,7 @@ def prepare(opts: UnlearnOptions, method: Method, plans: dict[str, RowPlan], tcf
     start = time.perf_counter()
     stats, measured = cached_stats(need, opts.data, work, opts.cache)
     figures = {"stats_seconds": time.perf_counter() - start, "stats_measured": ",".join(measured) or "none (cached)"}
-    prep = method.prepare(adapter, stats, method.trainable(adapter), opts.cfg.unlearn.seed)
+    prep = method.prepare(adapter, stats, method.trainable(adapter), opts.cfg.unlearn.seed, opts.data, plans)
     model_path = str(opts.model)
     if prep.pruned is not None:
         adapter.save(work / "pruned")

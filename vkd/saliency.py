@@ -214,10 +214,15 @@ def measure_split(adapter: ModelAdapter, batches: Iterable[dict[str, torch.Tenso
         st.importance = {n: torch.zeros(m.in_features) for n, m in modules.items()}
         st.positions = {n: 0.0 for n in modules}
     wanted = set(fisher_names)
+    backward = bool(wanted) or criterion == "taylor"  # activation importance alone needs a forward pass
     with neuron_meter(adapter, st, criterion) if criterion is not None else contextlib.nullcontext():
         for inputs in batches:
-            nll(model, inputs).backward()
-            accumulate_fisher(model, st, wanted)
+            if backward:
+                nll(model, inputs).backward()
+                accumulate_fisher(model, st, wanted)
+            else:
+                with torch.no_grad():
+                    nll(model, inputs)
     return st
 
 

@@ -179,6 +179,14 @@ def generate(adapter: ModelAdapter, items: Sequence[dict], max_new_tokens: int |
     length: its answer does not depend on what else is in the batch) or for all."""
     limits = [max_new_tokens] * len(items) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     prompt_ids, extra = adapter.prompt_inputs([it["question"] for it in items], item_images(items))
+    return greedy(adapter, prompt_ids, extra, limits)
+
+
+@torch.no_grad()
+def greedy(adapter: ModelAdapter, prompt_ids: list[list[int]], extra: dict[str, torch.Tensor],
+           limits: Sequence[int]) -> list[str]:
+    """``generate`` on prompts already built: the first line of each greedy answer, at most
+    ``limits[i]`` tokens."""
     batch = adapter.batch(prompt_ids, left_pad=True)
     batch.pop("labels")
     tok = adapter.tokenizer

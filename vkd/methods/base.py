@@ -97,9 +97,11 @@ class Method:
         """What the statistics pass measures before training (None: no pass)."""
         return None
 
-    def prepare(self, adapter: ModelAdapter, stats: Statistics, trainable: list[str], seed: int = 0) -> Preparation:
+    def prepare(self, adapter: ModelAdapter, stats: Statistics, trainable: list[str], seed: int = 0,
+                data: str | Path | None = None, plans: dict[str, RowPlan] | None = None) -> Preparation:
         """Masks, pruning (of ``adapter``, in place) and teacher features from the statistics
-        (``seed``: the request's, for what the preparation draws)."""
+        (``seed``: the request's, for what the preparation draws; ``data`` and ``plans``: the
+        benchmark and the run's streams, for a preparation that reads their rows)."""
         return Preparation()
 
     def loss(self, model: nn.Module, batches: dict[str, Batch],

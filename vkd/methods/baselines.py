@@ -103,7 +103,7 @@ class MMUnlearner(GradientDifference):
     def statistics(self) -> StatsRequest:
         return StatsRequest(fisher=True, batches=self.cfg.stat_batches)
 
-    def prepare(self, adapter, stats, trainable, seed=0):
+    def prepare(self, adapter, stats, trainable, seed=0, data=None, plans=None):
         masks = fisher_mask(stats.forget, stats.retain, self.cfg.d_f, self.cfg.d_f_mode, self.cfg.eps)
         return Preparation(masks=masks, figures={"updated_fraction": updated_fraction(masks)})
 
