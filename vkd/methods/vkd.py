@@ -215,7 +215,8 @@ def generic_person(adapter, teacher: dict[int, dict[str, torch.Tensor]], data, p
     frozen LLM, shown it in place of a forget picture, gives the fewest of
     ``cfg.generic_pairs`` forget answers by greedy decoding (ties: the lower mean answer
     likelihood). A mean of other people still decodes as someone: on the demo, the plain
-    mean answered 16% of the forget entities' questions right (their commonest values).
+    mean answered 9-17% of 128 forget questions right (their commonest values; the report's
+    ``generic_forget_answers_mean``).
     Returns the features and figures for the report."""
     rng = random.Random(seed)
     forget = replace(plans["forget"], one_per_image=False, answer=None, turns=1)
