@@ -1,5 +1,5 @@
 """The statistics pass before unlearning, on the trainer's workers (Ray Train, streaming over
-Ray Data, sums all-reduced), cached: neuron importance and Fisher statistics of the forget
+Ray Data, sums all-reduced; one CPU worker: in this process), cached: neuron importance and Fisher statistics of the forget
 and retain streams, and the teacher's visual features of every retain image the training
 will see (the maths is ``vkd.saliency``'s).
 
@@ -19,6 +19,7 @@ import ray.train
 import torch
 
 from pipelines.train import fit, torch_trainer, train_dataset, unlearn_trainer
+from pipelines.train.worker import InProcess, OnRayTrain
 from vkd.cache import Cache, data_fingerprint, digest, model_fingerprint
 from vkd.config import Config, TrainConfig
 from vkd.data.layout import ForgetSet
@@ -52,21 +53,18 @@ class StatsNeed:
     layers: list[int]              # vision layers of the teacher's features
 
 
-def stats_loop(config: dict[str, Any]) -> None:
-    """Runs on every worker: sums over this worker's shards, all-reduced; rank 0 reports them."""
-    job: StatsPass = config["job"]
-    rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(job.cfg.seed + rank)
-    if not job.cfg.use_gpu:
-        torch.set_num_threads(max(1, int(job.cfg.cpus_per_worker)))
+def measure_rank(job: StatsPass, session: Any) -> dict[str, Any]:
+    """One rank's part of a pass (``session``: where its dataset shards come from), summed
+    over the ranks: {split: SplitStats, "teacher": {image key: features}}."""
+    torch.manual_seed(job.cfg.seed + session.rank)
     adapter = ModelAdapter.load(job.model_path)
     # the visual module's activations carry gradients (taylor importance), and the Fisher parameters
     set_trainable(adapter, set(trainable_names(adapter, "visual")) | set(job.fisher_names))
     # every stream starts now, side by side; each is read to its end in turn below
-    streams = {split: Ahead(ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=job.cfg.batch_size))
+    streams = {split: Ahead(session.dataset_shard(split).iter_torch_batches(batch_size=job.cfg.batch_size))
                for split in job.splits}
     if job.teacher_layers is not None:
-        streams["teacher"] = Ahead(ray.train.get_dataset_shard("teacher").iter_torch_batches(batch_size=64))
+        streams["teacher"] = Ahead(session.dataset_shard("teacher").iter_torch_batches(batch_size=64))
     stats = {split: measure_split(adapter, (model_inputs(b) for b in streams[split]), job.fisher_names, job.criterion)
              for split in job.splits}
     teacher = None
@@ -75,15 +73,38 @@ def stats_loop(config: dict[str, Any]) -> None:
                   for b in streams["teacher"])
         teacher = teacher_features(adapter, images, job.teacher_layers)
     all_reduce(stats.values(), teacher)
+    return {**stats, "teacher": teacher or {}}
+
+
+def stats_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: sums over this worker's shards, all-reduced; rank 0 reports them."""
+    job: StatsPass = config["job"]
+    session = OnRayTrain()
+    if not job.cfg.use_gpu:
+        torch.set_num_threads(max(1, int(job.cfg.cpus_per_worker)))
+    stats = measure_rank(job, session)
     with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            torch.save({**stats, "teacher": teacher or {}}, Path(tmp) / "stats.pt")
-        ray.train.report({**{f"{s}_batches": st.batches for s, st in stats.items()}, "teacher_images": len(teacher or {})},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        if session.rank == 0:
+            torch.save(stats, Path(tmp) / "stats.pt")
+        ray.train.report({f"{s}_batches": stats[s].batches for s in job.splits} | {"teacher_images": len(stats["teacher"])},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if session.rank == 0 else None)
 
 
 def run_stats(job: StatsPass, datasets: dict[str, Any], storage: str | Path) -> dict[str, Any]:
-    """Run one pass; returns {split: SplitStats for each of ``job.splits``, "teacher": {image key: features}}."""
+    """Run one pass; returns {split: SplitStats for each of ``job.splits``, "teacher": {image key: features}}.
+    A one-worker pass on CPU runs in this process, on the same datasets in the same order:
+    a Ray Train run (controller, worker process, placement group, split coordinators) cost
+    more than the pass itself on the demo."""
+    if job.cfg.workers == 1 and not job.cfg.use_gpu:
+        for ds in datasets.values():  # what Ray Train's DataConfig sets for its workers
+            ds.context.execution_options.preserve_order = True
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(job.cfg.cpus_per_worker)))
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return measure_rank(job, InProcess(datasets, report_to_tune=False))
+        finally:
+            torch.set_num_threads(threads)
     result = fit(torch_trainer(stats_loop, job, job.cfg, datasets, storage, "stats"))
     with result.checkpoint.as_directory() as d:
         return torch.load(Path(d) / "stats.pt", weights_only=False)

@@ -386,3 +386,13 @@ def test_a_mask_that_selects_everything_measures_no_fisher_and_the_same_importan
     assert forward.importance and not forward.fisher
     assert all(torch.allclose(forward.importance[k], with_fisher.importance[k]) for k in forward.importance)
     assert forward.positions == with_fisher.positions
+    # the masks the trainer gets: the pruned neurons' columns only (no all-ones Fisher table)
+    from vkd.saliency import Statistics
+
+    retain_only = measure_split(adapter, [retain.inputs], [], "activation")
+    prep = _vkd(d_i=0.05, forget_loss="ga").prepare(adapter, Statistics(forward, retain_only, {}), trainable)
+    assert prep.figures["pruned_neurons"] > 0 and prep.figures["updated_fraction"] == 1.0
+    assert prep.masks and all(not bool(m.all()) for m in prep.masks.values())
+    for name, mask in prep.masks.items():
+        columns = torch.nonzero(mask[0] == 0).flatten().tolist()
+        assert columns == prep.pruned[name.removesuffix(".weight")], name

@@ -140,7 +140,11 @@ class VKD(Method):
                   else fisher_mask(stats.forget, stats.retain, c.d_f, c.d_f_mode, c.eps))
         if c.noise:  # before pruning, so that a pruned neuron's weights stay zero
             add_noise(adapter, fisher, c.noise, seed)
-        masks = combine_masks(apply_pruning(adapter, pruned), fisher)
+        masks = apply_pruning(adapter, pruned)
+        if not self.updates_all:
+            masks = combine_masks(masks, fisher)
+        # an all-ones mask changes no gradient: the trainer gets no hook and no file for it
+        masks = {k: v for k, v in masks.items() if not bool(v.all())}
         figures = {"pruned_neurons": int(sum(int(v.sum()) for v in pruned.values())),
                    "neurons": int(sum(v.numel() for v in pruned.values())),
                    "updated_fraction": updated_fraction(fisher), "teacher_images": len(stats.teacher)}
@@ -158,8 +162,7 @@ class VKD(Method):
         person (key ``GENERIC``): the teacher's mean features over the retain pictures."""
         table = dict(teacher)
         if self.cfg.forget_loss == "generic":
-            names = next(iter(teacher.values())).keys()
-            table[GENERIC] = {n: torch.stack([t[n] for t in teacher.values()]).float().mean(0) for n in names}
+            table[GENERIC] = mean_features(teacher, sorted(teacher))
         return table
 
     def forget_term(self, model, forget: dict[str, torch.Tensor], ctx) -> torch.Tensor:
@@ -229,15 +232,11 @@ def generic_person(adapter, teacher: dict[int, dict[str, torch.Tensor]], data, p
     groups: dict[str, list[int]] = {}
     for key in sorted(teacher):
         groups.setdefault(entity.get(key, str(key)), []).append(key)
-    names = sorted(next(iter(teacher.values())))
-
-    def mean(keys: list[int]) -> dict[str, torch.Tensor]:
-        return {n: torch.stack([teacher[k][n] for k in keys]).float().mean(0) for n in names}
-
     people = sorted(groups)
-    candidates = [mean(sorted(teacher))]
+    candidates = [mean_features(teacher, sorted(teacher))]  # the plain mean, as teacher_table gives it
     for _ in range(cfg.generic_candidates - 1):
-        candidates.append(mean([k for p in rng.sample(people, max(1, len(people) // 2)) for k in groups[p]]))
+        half = rng.sample(people, max(1, len(people) // 2))
+        candidates.append(mean_features(teacher, [k for p in half for k in groups[p]]))
     was_training = adapter.model.training
     adapter.model.eval()
     try:
@@ -251,6 +250,12 @@ def generic_person(adapter, teacher: dict[int, dict[str, torch.Tensor]], data, p
     return candidates[best], {"generic_candidate": best, "generic_forget_answers": hits[best],
                               "generic_forget_answers_mean": hits[0], "generic_forget_logp": logp[best],
                               "generic_forget_logp_mean": logp[0]}
+
+
+def mean_features(teacher: dict[int, dict[str, torch.Tensor]], keys: list[int]) -> dict[str, torch.Tensor]:
+    """The mean of the teacher's features over the images ``keys``, per tapped layer."""
+    names = sorted(next(iter(teacher.values())))
+    return {n: torch.stack([teacher[k][n] for k in keys]).float().mean(0) for n in names}
 
 
 def judging_prompts(adapter, pairs: list[dict], size: int = 32) -> list[tuple[list[dict], list, dict, list[int]]]:
