@@ -12,7 +12,8 @@ relearn section). The table: every key of ``vkd.metrics.KEYS`` (mean over the se
 the spread, min-max), the relearning gaps, the study objective and the wall time
 (statistics pass included, the attack not).
 
-Then the time to VKD's result (``--no-target`` skips it): GD runs over a grid of learning
+Then the time to VKD's result (``--no-target`` skips it; ``--target`` takes VKD's result and
+time from an earlier run instead): GD runs over a grid of learning
 rates and step budgets, cheapest first, until one forgets as much as VKD (forget_vqa and
 test_vqa at most VKD's mean) while keeping what it must (``FLOORS``: the ratios to the
 starting model that issue 19 asks of VKD); the ratio of that run's wall time to VKD's mean
@@ -69,12 +70,16 @@ def meets(after: dict[str, float], before: dict[str, float], target: dict[str, f
             and all(after[k] >= f * before[k] for k, f in FLOORS.items() if k in after and k in before))
 
 
-def time_to_target(unlearn, rows: dict[str, list[dict]], before: dict[str, float], steps: int, lr: float) -> None:
-    vkd = rows["vkd"]
-    target = {k: float(np.mean([r[k] for r in vkd])) for k in ("forget_vqa", "test_vqa")}
-    vkd_s = float(np.mean([r["seconds"] for r in vkd]))
+def vkd_target(vkd: list[dict]) -> tuple[dict[str, float], float, str]:
+    """VKD's mean forget_vqa and test_vqa, its mean seconds, and where they come from."""
+    return ({k: float(np.mean([r[k] for r in vkd])) for k in ("forget_vqa", "test_vqa")},
+            float(np.mean([r["seconds"] for r in vkd])), f"mean of {len(vkd)}, statistics pass included")
+
+
+def time_to_target(unlearn, target: dict[str, float], vkd_s: float, source: str, before: dict[str, float],
+                   steps: int, lr: float) -> None:
     print(f"\nVKD: forget_vqa {target['forget_vqa']:.3f}, test_vqa {target['test_vqa']:.3f} in {vkd_s:.0f} s "
-          f"(mean of {len(vkd)}, statistics pass included); GD must reach that and keep: "
+          f"({source}); GD must reach that and keep: "
           + ", ".join(f"{k} >= {f:g}x" for k, f in FLOORS.items()))
     grid = sorted(((s, l) for s in (0.25, 0.5, 1.0, 2.0) for l in (lr / 4, lr / 2, lr, 2 * lr)), key=lambda x: x[0])
     longest = 0.0
@@ -102,6 +107,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="unlearn.seed values, comma-separated")
     ap.add_argument("--lr-full", type=float, default=1e-4, help="learning rate of the full-model methods")
     ap.add_argument("--no-target", action="store_true", help="skip the time to VKD's result")
+    ap.add_argument("--target", help="FORGET_VQA,TEST_VQA,SECONDS: VKD's result and time from an earlier run of this "
+                                     "script at the same settings (then VKD need not be among --methods)")
     args, overrides = ap.parse_known_args()
     base = load_config(args.config, overrides)
     init_ray(base.ray.num_cpus)
@@ -128,14 +135,20 @@ def main() -> None:
 
     try:
         rows: dict[str, list[dict]] = {}
-        for method in args.methods.split(","):
+        for method in filter(None, args.methods.split(",")):
             for seed in map(int, args.seeds.split(",")):
                 rows.setdefault(method, []).append(unlearn(method, seed))
                 print(f"done: {method} seed {seed} in {rows[method][-1]['seconds']:.0f} s", flush=True)
-        print_table(rows, before, f"{args.forget}, {base.unlearn.steps} steps of {base.unlearn.batch_size} per worker "
-                                  f"and stream, {base.train.workers} workers, seeds {args.seeds} (mean [min,max])")
-        if "vkd" in rows and not args.no_target:
-            time_to_target(unlearn, rows, before, base.unlearn.steps, args.lr_full)
+        if rows:
+            print_table(rows, before, f"{args.forget}, {base.unlearn.steps} steps of {base.unlearn.batch_size} per "
+                                      f"worker and stream, {base.train.workers} workers, seeds {args.seeds} "
+                                      "(mean [min,max])")
+        if args.target:
+            fv, tv, secs = (float(x) for x in args.target.split(","))
+            time_to_target(unlearn, {"forget_vqa": fv, "test_vqa": tv}, secs, "--target, an earlier run", before,
+                           base.unlearn.steps, args.lr_full)
+        elif "vkd" in rows and not args.no_target:
+            time_to_target(unlearn, *vkd_target(rows["vkd"]), before, base.unlearn.steps, args.lr_full)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,7 +1,7 @@
 """The statistics pass before unlearning, on the trainer's workers (Ray Train, streaming over
-Ray Data, sums all-reduced; one CPU worker: in this process), cached: neuron importance and Fisher statistics of the forget
-and retain streams, and the teacher's visual features of every retain image the training
-will see (the maths is ``vkd.saliency``'s).
+Ray Data, sums all-reduced; a one-worker pass on CPU: in this process), cached: neuron
+importance and Fisher statistics of the forget and retain streams, and the teacher's visual
+features of every retain image the training will see (the maths is ``vkd.saliency``'s).
 
 Each part (forget, retain, teacher) is kept under a content key of everything it depends
 on, so requests and trials that differ only in, say, their forget entities or thresholds
@@ -86,8 +86,8 @@ def stats_loop(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if session.rank == 0:
             torch.save(stats, Path(tmp) / "stats.pt")
-        ray.train.report({f"{s}_batches": stats[s].batches for s in job.splits} | {"teacher_images": len(stats["teacher"])},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if session.rank == 0 else None)
+        counts = {f"{s}_batches": stats[s].batches for s in job.splits} | {"teacher_images": len(stats["teacher"])}
+        ray.train.report(counts, checkpoint=ray.train.Checkpoint.from_directory(tmp) if session.rank == 0 else None)
 
 
 def run_stats(job: StatsPass, datasets: dict[str, Any], storage: str | Path) -> dict[str, Any]:
