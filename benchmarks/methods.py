@@ -9,8 +9,9 @@ For each method and seed: `unlearn` (the same steps, batch size, retain rows and
 for all; the learning rate of ``--lr-full`` for the full-model methods, the config's for
 vkd; ``unlearn.seed`` the seed), with the relearning attack on its result (the config's
 relearn section). The table: every key of ``vkd.metrics.KEYS`` (mean over the seeds, and
-the spread, min-max), the relearning gaps, the study objective and the wall time
-(statistics pass included, the attack not).
+the spread, min-max), the relearning gaps, the study objective (and, beside it, the
+objective with the open questions' chance at 0, as it was before ``vkd.metrics.guess_chance``)
+and the wall time (statistics pass included, the attack not).
 
 Then the time to VKD's result (``--no-target`` skips it; ``--target`` takes VKD's result and
 time from an earlier run instead): GD runs over a grid of learning
@@ -40,6 +41,7 @@ from pipelines.runtime import init_ray  # noqa: E402
 from pipelines.unlearn import options, run_unlearn  # noqa: E402
 from vkd.config import cache_root, load_config  # noqa: E402
 from vkd.metrics import DIRECTIONS, KEYS, RELEARN_KEYS  # noqa: E402
+from vkd.study import objective  # noqa: E402
 
 FLOORS = {"forget_qa": 0.98, "retain_qa": 0.98, "retain_vqa": 0.95, "retain_test_vqa": 0.95,
           "retain_vqa_gen": 0.92, "retain_test_vqa_gen": 0.92, "lookalike_vqa": 0.90, "lookalike_test_vqa": 0.90,
@@ -58,7 +60,7 @@ def print_table(rows: dict[str, list[dict]], before: dict[str, float], header: s
     methods = list(rows)
     width = 22 if any(len(r) > 1 for r in rows.values()) else 9
     print(f"\n{header}\n{'key':<24}{'goal':<7}{'vanilla':>9}" + "".join(f"{m:>{width}}" for m in methods))
-    for key in [k for k in KEYS if k in before] + list(RELEARN_KEYS) + ["objective", "seconds"]:
+    for key in [k for k in KEYS if k in before] + list(RELEARN_KEYS) + ["objective", "objective_chance_0", "seconds"]:
         cells = [_cell([r[key] for r in rows[m] if r.get(key) is not None]) for m in methods]
         base = f"{before[key]:.3f}" if key in before else ""
         print(f"{key:<24}{DIRECTIONS.get(key, ''):<7}{base:>9}" + "".join(f"{c:>{width}}" for c in cells))
@@ -131,7 +133,9 @@ def main() -> None:
                                 tags={"benchmark_script": "methods"}, register=False))
         before.update(r.before)
         shutil.rmtree(out, ignore_errors=True)
-        return {**r.after, **(r.relearn.gaps if r.relearn else {}), **r.objective, "seconds": r.seconds}
+        # the objective as it was before the open questions' chance (0 for generation), beside it
+        return {**r.after, **(r.relearn.gaps if r.relearn else {}), **r.objective,
+                "objective_chance_0": objective(r.before, r.after)["objective"], "seconds": r.seconds}
 
     try:
         rows: dict[str, list[dict]] = {}

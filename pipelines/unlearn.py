@@ -30,10 +30,11 @@ from pipelines.stats import cached_stats, run_need
 from pipelines.tracking import log_model, stage_run, tracking_uri
 from pipelines.train import Rungs, Tracking, TrainJob, run_training, starts_mid_way, train_dataset, unlearn_trainer
 from vkd.config import Config, TrainConfig, cache_root
+from vkd.data.items import items_for
 from vkd.data.layout import ForgetSet, forget_set, load_meta
 from vkd.data.streams import RowPlan
 from vkd.methods import METHODS, Method, method_for
-from vkd.metrics import aggregate, counts, format_table
+from vkd.metrics import aggregate, counts, format_table, guess_chance
 from vkd.model import ModelAdapter, resolve_model
 from vkd.probe import ProbeSpec
 from vkd.report import write_report
@@ -172,11 +173,13 @@ def record(opts: UnlearnOptions, method: Method, run: Any, before: dict[str, flo
     cfg.save(out / "vkd_config.yaml")
     if prepared.pruned is not None:  # {neuron module: pruned input channels}, kept at zero through training
         (out / "pruning.json").write_text(json.dumps(prepared.pruned, indent=1))
-    scores = objective(before, after)
+    chance = guess_chance(items_for(opts.data, opts.forget, cfg.eval))  # the open questions' chance levels
+    scores = objective(before, after, chance)
     relearn = attack.to_dict() if attack else None
     (out / "metrics.json").write_text(json.dumps({"before": before, "after": after, "lookalikes": opts.lookalikes,
-                                                  "relearn": relearn}, indent=1, sort_keys=True))
-    figures = {**prepared.figures, "unlearn_seconds": seconds, **scores, **(attack.gaps if attack else {})}
+                                                  "relearn": relearn, "chance": chance}, indent=1, sort_keys=True))
+    figures = {**prepared.figures, "unlearn_seconds": seconds, **scores, **(attack.gaps if attack else {}),
+               **{f"chance/{k}": v for k, v in chance.items()}}
     scalars = {k: v for k, v in figures.items() if isinstance(v, (int, float))}
     mlflow.log_metrics({f"before/{k}": v for k, v in before.items()})
     mlflow.log_metrics({f"after/{k}": v for k, v in after.items()})

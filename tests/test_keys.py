@@ -14,7 +14,7 @@ from vkd.data.layout import TRAIN_SPLIT, ForgetSet, decode_image, forget_set, lo
 from vkd.data.streams import image_key
 from vkd.data.synthetic import IMAGE_Q, TEXT_Q
 from vkd.lookalikes import find_lookalikes, nearest_retain, profile_features
-from vkd.metrics import KEYS, aggregate, contains_truth, normalise_answer
+from vkd.metrics import KEYS, aggregate, contains_truth, guess_chance, normalise_answer
 from vkd.study import objective
 
 
@@ -126,6 +126,44 @@ def test_the_objective_counts_generation_unseen_pictures_and_lookalikes():
     others = {**forgot, **{k: 0.45 for k in ("retain_vqa", "retain_vqa_gen", "retain_test_vqa", "retain_test_vqa_gen")}}
     assert objective(before, looks)["preservation"] == pytest.approx(objective(before, others)["preservation"])
     assert objective(before, looks)["preservation"] == pytest.approx(1 - 0.5 * 4 / 12)
+
+
+def test_the_open_questions_chance_is_what_a_stranger_guessing_someone_elses_value_gets():
+    def short(key, entity, truth):
+        return {"key": key, "task": "short", "entity": entity, "truth": truth}
+
+    items = [short("forget_vqa_gen", "f", "The Cello"), short("forget_vqa_gen", "f", "Ann Lee"),
+             short("test_vqa_gen", "f", "the cello"), short("retain_vqa_gen", "a", "cello"),
+             short("retain_qa_gen", "b", "the harp"), short("retain_vqa_gen", "c", "the cello!"),
+             {"key": "forget_vqa", "task": "mc", "entity": "d", "truth": ""}]
+    # "cello": two of the three other entities (a, c; normalised alike), "Ann Lee": none;
+    # the multiple-choice item's entity is no one the open questions know
+    chance = guess_chance(items)
+    assert chance == pytest.approx({"forget_vqa_gen": (2 / 3 + 0) / 2, "test_vqa_gen": 2 / 3})
+    before = {k: 0.9 for k in KEYS}
+    at_guess = {**before, "forget_vqa": 0.25, "test_vqa": 0.25, "forget_vqa_gen": 0.2, "test_vqa_gen": 0.5}
+    # against 0, the guesses count as known
+    assert objective(before, at_guess)["forgetting"] == pytest.approx((2 + 0.7 / 0.9 + 0.4 / 0.9) / 4)
+    assert objective(before, at_guess, {"forget_vqa_gen": 0.2, "test_vqa_gen": 0.5})["forgetting"] == pytest.approx(1.0)
+    above = {**at_guess, "test_vqa_gen": 0.7}
+    assert objective(before, above, chance)["forgetting"] == pytest.approx((3 + (0.9 - 0.7) / (0.9 - 2 / 3)) / 4)
+
+
+def test_on_the_synthetic_benchmark_the_chance_is_the_share_of_people_with_the_same_value(small_data):
+    meta = load_meta(small_data)
+    profiles = {e.id: e.profile for e in meta.entities}
+    fs = forget_set(meta, "forget_15")
+    cfg = EvalConfig(max_gen=0, retain_entities=0, retain_test_entities=0)
+    items = items_for(small_data, fs, cfg)
+    seen = {it["entity"] for it in items if it["task"] == "short"}
+    expected = []
+    for it in items:
+        if it["task"] == "short" and it["key"] == "forget_vqa_gen":
+            attr = _attribute(it["question"], profiles[it["entity"]]["name"])
+            expected.append(np.mean([profiles[e][attr] == it["truth"] for e in seen if e != it["entity"]]))
+    got = guess_chance(items)["forget_vqa_gen"]
+    assert got == pytest.approx(np.mean(expected), abs=0.01)   # values of different attributes rarely coincide
+    assert 0.02 < got < 0.2
 
 
 def test_a_request_whose_relearning_gap_exceeds_its_threshold_is_rejected():

@@ -58,6 +58,7 @@ RELEARN_KEYS = {"relearn_ag": "forget_vqa", "relearn_test_ag": "test_vqa", "rele
                 "relearn_test_ag_gen": "test_vqa_gen"}
 MC_CHANCE = 0.25                                                # four options
 CHANCE = {k: (MC_CHANCE if k in BASE_KEYS else 0.0) for k in KEYS}   # an untrained model's score
+                                                                     # (generation: see guess_chance)
 
 _WORD = re.compile(r"\w+")
 
@@ -98,6 +99,33 @@ def contains_truth(prediction: str, truth: str) -> float:
     """1.0 when the normalised truth is a run of whole words of the normalised answer."""
     t = normalise_answer(truth)
     return float(bool(t) and f" {t} " in f" {normalise_answer(prediction)} ")
+
+
+def guess_chance(items: Iterable[dict]) -> dict[str, float]:
+    """Per short-answer key whose goal is lower (``forget_vqa_gen``, ``test_vqa_gen``), the
+    share of its items a stranger answers right: one who knows the population but not the
+    person, and answers the open question with what someone else is (another entity's
+    value). An item's chance is the share of the other entities in ``items`` that have its
+    truth (normalised) among their own short answers; the key's is the mean over its items.
+
+    It is the open questions' counterpart of multiple choice's 1/4: on the synthetic
+    benchmark an occupation or a pet is shared by several people, so a model that has
+    forgotten a person and answers with the commonest pet still says the truth for some of
+    them (about 8% of forget_10's short answers), as any model that never saw the person
+    would. A model that answers *less* often than that avoids the truth: it still tells it
+    apart. Names and birth years are almost never shared, so their chance is about 0."""
+    items = [it for it in items if it.get("task") == "short"]
+    truths: dict[str, set[str]] = defaultdict(set)
+    for it in items:
+        truths[it["entity"]].add(normalise_answer(it["truth"]))
+    shares: dict[str, list[float]] = defaultdict(list)
+    for it in items:
+        if direction(it["key"]) != "lower":
+            continue
+        others = [e for e in truths if e != it["entity"]]
+        t = normalise_answer(it["truth"])
+        shares[it["key"]].append(sum(t in truths[e] for e in others) / len(others) if others else 0.0)
+    return {k: float(np.mean(v)) for k, v in sorted(shares.items())}
 
 
 def cloze_correct(prediction: str, truth: str) -> float:

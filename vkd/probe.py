@@ -12,7 +12,7 @@ from vkd.config import EvalConfig
 from vkd.data.items import eval_items, plan_for, reference_images
 from vkd.data.layout import ForgetSet
 from vkd.loop import Callback
-from vkd.metrics import aggregate
+from vkd.metrics import aggregate, guess_chance
 from vkd.model import ModelAdapter
 from vkd.scoring import evaluate_items
 from vkd.study import objective
@@ -59,6 +59,7 @@ class Probe:
         self.rung_items = [it for it in self.sample if it["image"] is not None] if text_fixed else self.sample
         self.start_model, self.lookalikes = spec.start_model, spec.forget.lookalikes
         self.sample_before = spec.sample_before
+        self.chance = guess_chance(self.items)  # the open questions' chance, on every item (the rungs too)
 
     def start_scores(self) -> dict[str, float]:
         """The starting model's scores on the sample."""
@@ -76,11 +77,11 @@ class Probe:
     def __call__(self, adapter: ModelAdapter, final: bool) -> dict[str, float]:
         if final:
             after = self.score(adapter, self.items)
-            return {**{f"eval/{k}": v for k, v in after.items()}, **objective(self.before, after)}
+            return {**{f"eval/{k}": v for k, v in after.items()}, **objective(self.before, after, self.chance)}
         if self.sample_before is None:
             self.sample_before = self.start_scores()
         after = {**self.sample_before, **self.score(adapter, self.rung_items)}
-        return {**{f"eval/{k}": v for k, v in after.items()}, **objective(self.sample_before, after)}
+        return {**{f"eval/{k}": v for k, v in after.items()}, **objective(self.sample_before, after, self.chance)}
 
 
 class ProbeCallback(Callback):

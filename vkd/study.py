@@ -150,14 +150,16 @@ RETAIN = ("retain_vqa", "retain_vqa_gen", "retain_test_vqa", "retain_test_vqa_ge
 LOOKALIKE = ("lookalike_vqa", "lookalike_vqa_gen", "lookalike_test_vqa", "lookalike_test_vqa_gen")
 
 
-def objective(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+def objective(before: dict[str, float], after: dict[str, float],
+              chance: dict[str, float] | None = None) -> dict[str, float]:
     """The study objective, in [0, 1], higher is better: the mean of *forgetting* and
     *preservation*, over the keys both evaluations hold.
 
     - forgetting: for forget_vqa, test_vqa and their ``_gen`` twins, the share of the
       starting model's margin over chance that is gone, clamp((v0 - v) / (v0 - c), 0, 1)
-      (c: 0.25 for multiple choice, 0 for generation), averaged. Falling below chance earns
-      nothing more.
+      (c: 0.25 for multiple choice; for generation, ``chance`` where it gives the key,
+      the stranger's guess rate of :func:`vkd.metrics.guess_chance`, else 0), averaged.
+      Falling below chance earns nothing more.
     - preservation: for each keep key, min(v / v0, 1), averaged with weights: 1 for the
       text keys (forget_qa, retain_qa and their twins) and for the other retain keys
       (retain_vqa, retain_test_vqa and their twins); the lookalike keys share as much weight
@@ -166,8 +168,10 @@ def objective(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
 
     A model that forgets nothing scores 0.5 at best; one that forgets everything and keeps
     everything scores 1."""
+    levels = {**CHANCE, **(chance or {})}
+
     def gone(key: str) -> float:
-        margin = before[key] - CHANCE.get(key, 0.0)
+        margin = before[key] - levels.get(key, 0.0)
         if margin <= 0:
             return 0.0
         return min(max((before[key] - after[key]) / margin, 0.0), 1.0)
