@@ -3,7 +3,8 @@ relearning attack on its result, over seeds; then how long full fine-tuning (GD)
 reach what VKD reaches.
 
     .venv/bin/python benchmarks/methods.py --model VANILLA --data DATA [--config configs/demo.yaml]
-        [--forget forget_10] [--methods vkd,ga,gd,kl,npo,mmunlearner] [--seeds 0,1,2] [--no-target] [key=value ...]
+        [--forget forget_10] [--methods vkd,ga,gd,kl,npo,mmunlearner] [--seeds 0,1,2] [--no-target]
+        [--target FORGET_VQA,TEST_VQA,SECONDS] [--grid-scales 0.25,0.5,1,2] [key=value ...]
 
 For each method and seed: `unlearn` (the same steps, batch size, retain rows and evaluation
 for all; the learning rate of ``--lr-full`` for the full-model methods, the config's for
@@ -15,7 +16,8 @@ and the wall time (statistics pass included, the attack not).
 
 Then the time to VKD's result (``--no-target`` skips it; ``--target`` takes VKD's result and
 time from an earlier run instead): GD runs over a grid of learning
-rates and step budgets, cheapest first, until one forgets as much as VKD (forget_vqa and
+rates (lr-full x 1/4, 1/2, 1, 2) and step budgets (``--grid-scales`` x unlearn.steps),
+cheapest first, until one forgets as much as VKD (forget_vqa and
 test_vqa at most VKD's mean) while keeping what it must (``FLOORS``: the ratios to the
 starting model that issue 19 asks of VKD); the ratio of that run's wall time to VKD's mean
 is the speed-up. VKD is timed cold: its statistics pass runs in the timed call (the
@@ -79,11 +81,11 @@ def vkd_target(vkd: list[dict]) -> tuple[dict[str, float], float, str]:
 
 
 def time_to_target(unlearn, target: dict[str, float], vkd_s: float, source: str, before: dict[str, float],
-                   steps: int, lr: float) -> None:
+                   steps: int, lr: float, scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)) -> None:
     print(f"\nVKD: forget_vqa {target['forget_vqa']:.3f}, test_vqa {target['test_vqa']:.3f} in {vkd_s:.0f} s "
           f"({source}); GD must reach that and keep: "
           + ", ".join(f"{k} >= {f:g}x" for k, f in FLOORS.items()))
-    grid = sorted(((s, l) for s in (0.25, 0.5, 1.0, 2.0) for l in (lr / 4, lr / 2, lr, 2 * lr)), key=lambda x: x[0])
+    grid = sorted(((s, l) for s in scales for l in (lr / 4, lr / 2, lr, 2 * lr)), key=lambda x: x[0])
     longest = 0.0
     for scale, l in grid:
         r = unlearn("gd", 0, scale=scale, lr=l, relearn=False)
@@ -95,7 +97,7 @@ def time_to_target(unlearn, target: dict[str, float], vkd_s: float, source: str,
         if ok:
             print(f"time to VKD's result, GD / VKD: {r['seconds'] / vkd_s:.2f}x")
             return
-    print(f"GD reaches VKD's result nowhere on the grid (up to {2 * steps} steps): time ratio GD/VKD > "
+    print(f"GD reaches VKD's result nowhere on the grid (up to {round(max(scales) * steps)} steps): time ratio GD/VKD > "
           f"{longest / vkd_s:.2f}x")
 
 
@@ -109,9 +111,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="unlearn.seed values, comma-separated")
     ap.add_argument("--lr-full", type=float, default=1e-4, help="learning rate of the full-model methods")
     ap.add_argument("--no-target", action="store_true", help="skip the time to VKD's result")
+    ap.add_argument("--grid-scales", default="0.25,0.5,1,2",
+                    help="GD's step budgets on the time-to-target grid, as multiples of unlearn.steps (a later run can "
+                         "go on where an earlier grid stopped: --grid-scales 4 --target ...)")
     ap.add_argument("--target", help="FORGET_VQA,TEST_VQA,SECONDS: VKD's result and time from an earlier run of this "
                                      "script at the same settings (then VKD need not be among --methods)")
     args, overrides = ap.parse_known_args()
+    scales = tuple(float(x) for x in args.grid_scales.split(","))
     base = load_config(args.config, overrides)
     init_ray(base.ray.num_cpus)
     work = Path(tempfile.mkdtemp(prefix="vkd-methods-", dir="runs" if Path("runs").is_dir() else None))
@@ -150,9 +156,9 @@ def main() -> None:
         if args.target:
             fv, tv, secs = (float(x) for x in args.target.split(","))
             time_to_target(unlearn, {"forget_vqa": fv, "test_vqa": tv}, secs, "--target, an earlier run", before,
-                           base.unlearn.steps, args.lr_full)
+                           base.unlearn.steps, args.lr_full, scales)
         elif "vkd" in rows and not args.no_target:
-            time_to_target(unlearn, *vkd_target(rows["vkd"]), before, base.unlearn.steps, args.lr_full)
+            time_to_target(unlearn, *vkd_target(rows["vkd"]), before, base.unlearn.steps, args.lr_full, scales)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -81,7 +81,7 @@ def main() -> None:
         rates = {}
         for label, _, workers, cpus in runs:
             tcfg = dataclasses.replace(cfg.train, workers=workers, cpus_per_worker=cpus, max_steps=args.steps,
-                                       align_steps=0, checkpoint_every=10**9)
+                                       align_steps=0, checkpoint_every=10**9, in_process=False)  # on Ray Train
             job = TrainJob(model_path=str(path), out_dir=str(work / f"trained-{workers}-{cpus}"), cfg=tcfg,
                            total_steps=args.steps, name=f"overhead-{workers}")
             result = run_training(job, train_datasets(data, str(path), tcfg), storage=work / "ray")

@@ -22,6 +22,7 @@ import torch
 
 from pipelines.common import parse, parser, resolve_config, run_main
 from pipelines.tracking import ui_hint
+from pipelines.train import TrainJob
 from pipelines.unlearn import options, run_unlearn
 from pipelines.vanilla import run_vanilla
 from vkd.cache import digest
@@ -67,8 +68,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     work = Path(args.workdir)
     settings = dataclasses.asdict(cfg.benchmark)
     data = work / f"data-{digest(settings)}"
-    # the vanilla model's content key: what it is trained from and how (the benchmark's settings name its data)
-    out = work / f"vanilla-{digest([settings, dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.train)])}"
+    # the vanilla model's content key: what it is trained from and how (the benchmark's settings name its data;
+    # where the loop runs changes no weight, tests/test_trainer.py)
+    how = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k != "in_process"}
+    out = work / f"vanilla-{digest([settings, dataclasses.asdict(cfg.model), how])}"
     cached = {"prepare": (data / "benchmark.json").is_file(), "vanilla": (out / "metrics.json").is_file()}
     print(_plan(matmul_gflops(), cached), flush=True)
     if not cached["prepare"]:
@@ -103,8 +106,9 @@ def vanilla_stage(cfg: Config, data: Path, out: Path, forget: str, cached: bool)
         out.rename(aside)
         print(f"[2/4 vanilla] {out} was incomplete (an interrupted run): moved to {aside}")
     stage = engine_config(cfg.train, cfg.train.workers).zero_stage  # the stage a rank runs
-    print(f"[2/4 vanilla] {cfg.train.workers} Ray Train worker(s), DeepSpeed ZeRO-{stage}, "
-          f"{cfg.train.max_steps} steps -> {out}", flush=True)
+    where = ("in this process (train.in_process: no Ray Train run to start)"
+             if TrainJob("", "", cfg.train, 0).in_process else f"on {cfg.train.workers} Ray Train worker(s)")
+    print(f"[2/4 vanilla] {where}, DeepSpeed ZeRO-{stage}, {cfg.train.max_steps} steps -> {out}", flush=True)
     figures = run_vanilla(cfg, str(data), out, "tiny", forget)
     (out / "run.json").write_text(json.dumps({"run_id": figures["run_id"], "version": figures["version"]}))
     n = figures["counts"]

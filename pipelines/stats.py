@@ -96,8 +96,6 @@ def run_stats(job: StatsPass, datasets: dict[str, Any], storage: str | Path) -> 
     a Ray Train run (controller, worker process, placement group, split coordinators) cost
     more than the pass itself on the demo."""
     if job.cfg.workers == 1 and not job.cfg.use_gpu:
-        for ds in datasets.values():  # what Ray Train's DataConfig sets for its workers
-            ds.context.execution_options.preserve_order = True
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, int(job.cfg.cpus_per_worker)))
         try:

@@ -155,7 +155,8 @@ def test_a_stream_that_stops_at_what_its_run_draws_comes_shuffled_as_sequences(s
 @pytest.mark.slow
 def test_local_mode_trains_what_one_ray_train_worker_trains(small_data, tiny_path, tmp_path, ray_local):
     """A one-worker tune trial trains in its own process (local mode); `vkd unlearn --config
-    best.yaml` reruns it on a Ray Train worker: both must give the same weights."""
+    best.yaml` reruns it on a Ray Train worker: both must give the same weights. So does a
+    run with train.in_process (the demo's), which only a one-worker CPU run takes."""
     from safetensors.torch import load_file
 
     cfg = dataclasses.replace(SMALL_TRAIN, workers=1, max_steps=8, checkpoint_every=4)
@@ -163,12 +164,18 @@ def test_local_mode_trains_what_one_ray_train_worker_trains(small_data, tiny_pat
     local = _train(small_data, tiny_path, tmp_path / "local", name="local", cfg=cfg, local=True)
     # a second run in the same process (DeepSpeed keeps handles to the first run's groups)
     again = _train(small_data, tiny_path, tmp_path / "again", name="again", cfg=cfg, local=True)
-    assert local.metrics["step"] == worker.metrics["step"] == again.metrics["step"] == 8
-    a, b, c = (load_file(tmp_path / d / "model.safetensors") for d in ("worker", "local", "again"))
+    configured = _train(small_data, tiny_path, tmp_path / "configured", name="configured",
+                        cfg=dataclasses.replace(cfg, in_process=True))
+    assert configured.path is None  # no Ray Train run (its Result would name its storage)
+    assert local.metrics["step"] == worker.metrics["step"] == again.metrics["step"] == configured.metrics["step"] == 8
+    a, b, c, d = (load_file(tmp_path / d / "model.safetensors") for d in ("worker", "local", "again", "configured"))
     assert a.keys() == b.keys()
     moved = [k for k in a if not torch.equal(a[k], load_file(tiny_path / "model.safetensors")[k])]
     assert moved, "the runs trained nothing"
-    for other in (b, c):
+    for wider in (dict(workers=2), dict(use_gpu=True)):  # these go to Ray Train whatever in_process says
+        assert not TrainJob(model_path="m", out_dir="o", cfg=dataclasses.replace(cfg, in_process=True, **wider),
+                            total_steps=8).in_process
+    for other in (b, c, d):
         assert all(torch.allclose(a[k], other[k], atol=1e-6) for k in a), [k for k in a if not torch.allclose(a[k], other[k])]
     # no checkpoint folder and no rank variables are left behind
     assert "LOCAL_RANK" not in os.environ and not list(tmp_path.glob(".checkpoint-*"))

@@ -94,6 +94,10 @@ class TrainConfig(Section):
     workers: int = option(2, "Ray Train workers, each driving a DeepSpeed engine", low=1)
     cpus_per_worker: float = option(1.0, "CPUs of each train worker", above=0)
     use_gpu: bool = option(False, "GPU + nccl on a cluster; CPU + gloo otherwise")
+    in_process: bool = option(False, "with one worker on CPU: the loop runs in the calling process, on the same Ray Data "
+                                     "streams, with no Ray Train run to start (no controller, worker process or "
+                                     "split coordinators: about 25 s a run on the demo), no restart after a failure "
+                                     "and one checkpoint, at the end")
     zero_stage: int = option(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
     precision: str = option("fp32", "training precision", choices=("fp32", "bf16", "fp16"))
     batch_size: int = option(16, "micro-batch per worker", low=1)

@@ -49,3 +49,9 @@ class TrainJob:
     # large to start mid-way, see pipelines.train.data.train_dataset's skip)
     discard: dict[str, int] = field(default_factory=dict)
     callbacks: list[Callback] = field(default_factory=list)   # run first after each step (tests inject faults)
+
+    @property
+    def in_process(self) -> bool:
+        """Whether the loop runs in this process: a tune trial's (``local``), or one CPU
+        worker's with ``train.in_process`` (several workers or a GPU: Ray Train)."""
+        return self.local or (self.cfg.in_process and self.cfg.workers == 1 and not self.cfg.use_gpu)

@@ -61,12 +61,13 @@ def run_training(job: TrainJob, datasets: dict[str, Any], storage: str | Path, m
     folder to ``job.out_dir``; return the Result. ``callbacks``: Ray Train callbacks (a tune
     trial on several workers passes Tune's report callback).
 
-    ``job.local`` (one worker): the loop runs in this process on the same data, with the
-    same results, without Ray Train: no controller, worker process, placement group or
-    split coordinators to start (most of a tune trial's fixed cost), and no restart on
-    failure. ``report_to_tune``: it runs in a Tune trial, which gets every result but the
-    last (the trial reports that one once it has written it down)."""
-    if job.local:
+    ``job.in_process`` (one worker: a tune trial's, or ``train.in_process``): the loop runs
+    in this process on the same data, with the same results, without Ray Train: no
+    controller, worker process, placement group or split coordinators to start (most of a
+    tune trial's fixed cost), and no restart on failure. ``report_to_tune``: it runs in a
+    Tune trial, which gets every result but the last (the trial reports that one once it
+    has written it down)."""
+    if job.in_process:
         if job.cfg.workers != 1:
             raise ValueError(f"a run in this process has one worker; train.workers is {job.cfg.workers}")
         result = train_in_process(job, datasets, report_to_tune)
@@ -83,6 +84,6 @@ def run_training(job: TrainJob, datasets: dict[str, Any], storage: str | Path, m
         tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=Path(job.out_dir).parent))
         shutil.copytree(hf, tmp, dirs_exist_ok=True)
         tmp.rename(job.out_dir)
-    if job.local:
+    if job.in_process:
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     return result

@@ -59,6 +59,8 @@ class InProcess:
     rank, world = 0, 1
 
     def __init__(self, datasets: dict[str, Any], report_to_tune: bool, resume_dir: str = ""):
+        for ds in datasets.values():  # what Ray Train's DataConfig sets for its workers
+            ds.context.execution_options.preserve_order = True
         self.datasets, self.report_to_tune, self.resume_dir = datasets, report_to_tune, resume_dir
         self.metrics: dict[str, Any] = {}
         self.checkpoint: Any = None
@@ -205,8 +207,6 @@ def train_in_process(job: TrainJob, datasets: dict[str, Any], report_to_tune: bo
     elif dist.get_world_size() != 1:
         raise ValueError(f"a run in this process needs it alone in its process group; it is one of "
                          f"{dist.get_world_size()} ranks: run it on Ray Train (train.workers)")
-    for ds in datasets.values():  # what Ray Train's DataConfig sets for its workers
-        ds.context.execution_options.preserve_order = True
     session = InProcess(datasets, report_to_tune, job.rungs.resume_dir if job.rungs else "")
     rank_env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     saved = {k: os.environ.get(k) for k in rank_env}
