@@ -1,14 +1,13 @@
 """Typed run configuration: YAML sections, ``key=value`` overrides, validated at the door.
 
-One file (e.g. ``configs/demo.yaml``) may hold a section per concern. Every field is
-declared with :func:`option`: its help, and the choices or bounds it must meet, checked
-whenever the section is built (from YAML or in code). Unknown keys, values of the wrong
-type and non-finite numbers are errors that name the field.
+One file (e.g. ``configs/demo.yaml``) may hold a section per concern. Every field is declared with
+:func:`option`: its help, and the choices or bounds it must meet, checked whenever the section is built
+(from YAML or in code). Unknown keys, values of the wrong type and non-finite numbers name the field.
 
-The ``unlearn`` section holds what every method shares (steps, learning rate, batch size,
-retain sample, seed) and one sub-section per method, ``unlearn.<method>.<field>``, whose
-fields are declared by that method's config class (``vkd.methods``). The flat keys of
-earlier versions (``unlearn.beta``) still work, with a deprecation line naming the new key.
+The ``unlearn`` section holds what every method shares (steps, learning rate, batch size, retain
+sample, seed) and one sub-section per method, ``unlearn.<method>.<field>``, declared by that method's
+config class (``vkd.methods``). The flat keys of earlier versions (``unlearn.beta``) still work,
+with a deprecation line naming the new key.
 """
 from __future__ import annotations
 
@@ -94,10 +93,8 @@ class TrainConfig(Section):
     workers: int = option(2, "Ray Train workers, each driving a DeepSpeed engine", low=1)
     cpus_per_worker: float = option(1.0, "CPUs of each train worker", above=0)
     use_gpu: bool = option(False, "GPU + nccl on a cluster; CPU + gloo otherwise")
-    in_process: bool = option(False, "with one worker on CPU: the loop runs in the calling process, on the same Ray Data "
-                                     "streams, with no Ray Train run to start (no controller, worker process or "
-                                     "split coordinators: about 25 s a run on the demo), no restart after a failure "
-                                     "and one checkpoint, at the end")
+    in_process: bool = option(False, "one CPU worker: the loop runs in this process on the same streams, no Ray "
+                                     "Train run to start; no restart after a failure, one checkpoint, at the end")
     zero_stage: int = option(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
     precision: str = option("fp32", "training precision", choices=("fp32", "bf16", "fp16"))
     batch_size: int = option(16, "micro-batch per worker", low=1)
@@ -176,8 +173,8 @@ class UnlearnConfig(Section):
             if not owners:
                 known = sorted(shared) + [f"{m}.<field>" for m in METHODS.names()]
                 raise ConfigError(f"unknown field {where}.{key}; known fields of {where}: {', '.join(known)}")
-            deprecated(f"{where}.{key} is deprecated: write {', '.join(f'{where}.{m}.{key}' for m in owners)} "
-                       "(applied to each)")
+            names = ", ".join(f"{where}.{m}.{key}" for m in owners)
+            deprecated(f"{where}.{key} is deprecated: write {names} (applied to each)")
             for m in owners:
                 sections.setdefault(m, {})[key] = raw[key]
         built = {}
