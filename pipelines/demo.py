@@ -33,8 +33,8 @@ from vkd.train import engine_config
 
 # seconds of each stage of configs/demo.yaml on a fresh clone where they were measured (2 cores,
 # a 2048x2048 fp32 matmul at REFERENCE_GFLOPS with 2 threads); scaled by this machine's speed
-REFERENCE_GFLOPS = 141.0
-REFERENCE_SECONDS = {"prepare": 3, "vanilla": 265, "evaluate": 30, "unlearn": 150}
+REFERENCE_GFLOPS = 147.0
+REFERENCE_SECONDS = {"prepare": 3, "vanilla": 250, "evaluate": 35, "unlearn": 100}
 
 
 def matmul_gflops(threads: int = 2) -> float:
